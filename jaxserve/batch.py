@@ -1,0 +1,112 @@
+"""Turns a StepPlan into fixed-shape numpy batches: padding, buckets, page tables.
+
+This is the only place that knows how requests map onto padded device rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxserve.config import SchedulerConfig
+from jaxserve.request import Request
+from jaxserve.scheduler import PrefillChunk, _round_up
+from jaxserve.state import DecodeBatch, PrefillBatch, SeqSampling
+
+
+def smallest_bucket(n: int, buckets: tuple[int, ...]) -> int:
+    for b in sorted(buckets):
+        if n <= b:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {max(buckets)}")
+
+
+def seed32(seed: int) -> int:
+    """Fold a 64-bit seed into the uint32 the device PRNG takes."""
+    return (seed ^ (seed >> 32)) & 0xFFFFFFFF
+
+
+class BatchBuilder:
+    def __init__(self, cfg: SchedulerConfig, page_size: int):
+        self.cfg = cfg
+        self.page_size = page_size
+        self.num_slots = cfg.max_running_requests
+        self.max_pages = -(-cfg.max_model_len // page_size)
+
+    def prefill(self, chunks: list[PrefillChunk]) -> PrefillBatch:
+        cfg, block = self.cfg, self.cfg.prefill_block
+        s = cfg.max_prefill_seqs
+        used = sum(_round_up(c.length, block) for c in chunks)
+        t = smallest_bucket(used, cfg.prefill_buckets)
+        tokens = np.zeros((t,), np.int32)
+        positions = np.full((t,), -1, np.int32)
+        token_seq = np.full((t,), s, np.int32)
+        is_output = np.zeros((t,), np.bool_)
+        page_table = np.zeros((s, self.max_pages), np.int32)
+        block_seq = np.zeros((t // block,), np.int32)
+        last_idx = np.zeros((s,), np.int32)
+        seq_slot = np.full((s,), self.num_slots, np.int32)
+        is_first = np.zeros((s,), np.bool_)
+        do_sample = np.zeros((s,), np.bool_)
+        sampling = SeqSampling.empty(s)
+        off = 0
+        for i, c in enumerate(chunks):
+            req = c.request
+            ids = req.all_token_ids[c.start : c.start + c.length]
+            end = off + c.length
+            tokens[off:end] = ids
+            positions[off:end] = np.arange(c.start, c.start + c.length)
+            token_seq[off:end] = i
+            n_prompt = len(req.prompt_token_ids)
+            is_output[off:end] = positions[off:end] >= n_prompt
+            page_table[i, : len(req.pages)] = req.pages
+            nxt = off + _round_up(c.length, block)
+            block_seq[off // block : nxt // block] = i
+            last_idx[i] = end - 1
+            seq_slot[i] = req.slot
+            is_first[i] = c.start == 0
+            do_sample[i] = c.is_last
+            self._write_sampling(sampling, i, req)
+            off = nxt
+        return PrefillBatch(tokens, positions, token_seq, is_output, page_table, block_seq,
+                            last_idx, seq_slot, is_first, do_sample, sampling)
+
+    @staticmethod
+    def _write_sampling(out: SeqSampling, i: int, req: Request) -> None:
+        p = req.params
+        out.temperature[i] = p.temperature
+        out.top_k[i] = p.top_k
+        out.top_p[i] = p.top_p
+        out.min_p[i] = p.min_p
+        out.repetition_penalty[i] = p.repetition_penalty
+        out.presence_penalty[i] = p.presence_penalty
+        out.frequency_penalty[i] = p.frequency_penalty
+        out.seed[i] = seed32(req.seed)
+
+    def decode(self, reqs: list[Request]) -> DecodeBatch:
+        positions = np.full((self.num_slots,), -1, np.int32)
+        longest = max(r.num_computed + 1 for r in reqs)
+        ctx = smallest_bucket(min(longest, self.cfg.max_model_len), self.cfg.decode_len_buckets)
+        page_table = np.zeros((self.num_slots, -(-ctx // self.page_size)), np.int32)
+        for r in reqs:
+            positions[r.slot] = r.num_computed  # the input token's position
+            page_table[r.slot, : len(r.pages)] = r.pages
+        return DecodeBatch(positions, page_table)
+
+    def warmup_batches(self) -> tuple[list[PrefillBatch], list[DecodeBatch]]:
+        """All-padding batches, one per compiled shape."""
+        cfg, block, s = self.cfg, self.cfg.prefill_block, self.cfg.max_prefill_seqs
+        prefills = []
+        for t in cfg.prefill_buckets:
+            prefills.append(PrefillBatch(
+                np.zeros((t,), np.int32), np.full((t,), -1, np.int32), np.full((t,), s, np.int32),
+                np.zeros((t,), np.bool_), np.zeros((s, self.max_pages), np.int32),
+                np.zeros((t // block,), np.int32), np.zeros((s,), np.int32),
+                np.full((s,), self.num_slots, np.int32), np.zeros((s,), np.bool_),
+                np.zeros((s,), np.bool_), SeqSampling.empty(s),
+            ))
+        decodes = [
+            DecodeBatch(np.full((self.num_slots,), -1, np.int32),
+                        np.zeros((self.num_slots, -(-ctx // self.page_size)), np.int32))
+            for ctx in cfg.decode_len_buckets
+        ]
+        return prefills, decodes

@@ -1,0 +1,132 @@
+"""Frozen configuration dataclasses and their loading from `configs/*.toml`.
+
+Defaults live here and nowhere else; environment variables are read only in `cli.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style RoPE frequency scaling (`rope_scaling.rope_type == "llama3"`)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family model."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position: int = 2048
+    tie_embeddings: bool = True
+    rope_scaling: RopeScaling | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    add_bos: bool = False
+    name: str = "model"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: `num_pages` pages of `page_size` tokens per layer."""
+
+    page_size: int = 16
+    num_pages: int = 2048
+    dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on GPU/TPU
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Admission, batching and bucketing limits of the scheduler."""
+
+    max_running_requests: int = 32  # also the number of padded decode slots B
+    max_prefill_tokens: int = 512  # per prefill step, also the largest prefill bucket
+    max_prefill_seqs: int = 8  # sequences packed into one prefill step
+    prefill_block: int = 16  # each sequence starts a new block of this many tokens
+    prefill_buckets: tuple[int, ...] = (64, 512)
+    decode_len_buckets: tuple[int, ...] = (512, 2048)  # context buckets of the decode fn
+    max_model_len: int = 2048
+    chunked_prefill: bool = True
+    policy: str = "continuous"  # or "static"
+    schedule_order: str = "lpm"  # longest-prefix-match first, or "fcfs"
+    init_new_token_ratio: float = 0.7
+    min_new_token_ratio: float = 0.1
+    new_token_ratio_decay: float = 0.001
+    max_waiting: int = 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP front end."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None
+    max_stop_strings: int = 16
+    shutdown_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs; one TOML file maps onto it."""
+
+    model: str = "smollm2-135m"
+    dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on GPU/TPU
+    attention_impl: str | None = None  # None = by backend; "reference" | "pallas" | "interpret"
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+def _build(cls, data: dict):
+    """Instantiate a dataclass from a dict, turning lists into tuples and nested tables."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    kwargs = {}
+    for key, value in data.items():
+        sub = {"cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig}
+        if cls is EngineConfig and key in sub:
+            value = _build(sub[key], value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, **overrides) -> EngineConfig:
+    """Read an EngineConfig from TOML (default `configs/smollm2-135m.toml`), then override."""
+    path = Path(path) if path is not None else CONFIG_DIR / "smollm2-135m.toml"
+    with open(path, "rb") as f:
+        cfg = _build(EngineConfig, tomllib.load(f))
+    return replace(cfg, **overrides) if overrides else cfg
+
+
+def replace(cfg: EngineConfig, **overrides) -> EngineConfig:
+    """Override fields; `scheduler`/`cache`/`server` accept dicts of their own fields."""
+    for key in ("cache", "scheduler", "server"):
+        if isinstance(overrides.get(key), dict):
+            overrides[key] = dataclasses.replace(getattr(cfg, key), **overrides[key])
+    return dataclasses.replace(cfg, **overrides)

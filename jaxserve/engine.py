@@ -1,0 +1,223 @@
+"""The engine loop: schedule -> run -> update -> emit, one step at a time, single-threaded.
+
+`Engine.step()` returns per-request deltas (`RequestOutput`); `add_request` and `abort`
+are called between steps. Bad input raises before any device work.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from jaxserve.batch import BatchBuilder
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.detokenize import Decoder, IncrementalDetokenizer
+from jaxserve.errors import ContextLengthError, InvalidRequestError, QueueFullError
+from jaxserve.request import (
+    FinishReason, Request, RequestOutput, RequestState, SamplingParams, TokenLogprob,
+)
+from jaxserve.runner import StepResult
+from jaxserve.scheduler import Scheduler, StepPlan
+from jaxserve.state import DecodeBatch, PrefillBatch
+
+
+class StepRunner(Protocol):
+    num_compiles: int
+
+    def prefill(self, batch: PrefillBatch) -> StepResult: ...
+    def decode(self, batch: DecodeBatch) -> StepResult: ...
+
+
+@dataclass
+class EngineStats:
+    """Counters for /metrics and the benchmarks' step-time breakdown."""
+
+    num_steps: int = 0
+    num_prefill_steps: int = 0
+    num_decode_steps: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    num_aborted: int = 0
+    num_failed: int = 0
+    schedule_s: float = 0.0
+    device_s: float = 0.0
+    postprocess_s: float = 0.0
+    busy_slot_steps: int = 0  # sum over decode steps of slots doing useful work
+    total_slot_steps: int = 0
+    trace: list[tuple[str, tuple[str | None, ...]]] | None = None  # (kind, slot owners)
+    step_times: list[float] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig, tokenizer: Decoder,
+                 runner: StepRunner):
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.tokenizer = tokenizer
+        self.runner = runner
+        self.scheduler = Scheduler(cfg.scheduler, cfg.cache.page_size, cfg.cache.num_pages,
+                                   model_cfg.eos_token_ids)
+        self.builder = BatchBuilder(cfg.scheduler, cfg.cache.page_size)
+        self.requests: dict[str, Request] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._rng = np.random.default_rng(cfg.seed)
+        self.stats = EngineStats()
+
+    @classmethod
+    def from_config(cls, cfg: EngineConfig, warmup: bool = True) -> Engine:
+        from jaxserve.runner import Runner
+        from jaxserve.weights import load_model
+
+        loaded = load_model(cfg.model)
+        engine = cls(cfg, loaded.config, loaded.tokenizer, Runner(loaded.config, loaded.params, cfg))
+        if warmup:
+            engine.warmup()
+        return engine
+
+    def warmup(self) -> None:
+        """Compile every prefill bucket and decode context bucket on all-padding batches."""
+        prefills, decodes = self.builder.warmup_batches()
+        for b in prefills:
+            self.runner.prefill(b)
+        for d in decodes:
+            self.runner.decode(d)
+
+    # ---- requests ----------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams) -> Request:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"duplicate request_id {request_id!r}", param="request_id")
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt is empty", param="prompt")
+        vocab = self.model_cfg.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token id {bad[0]} not in [0, {vocab})", "prompt")
+        max_len = self.cfg.scheduler.max_model_len
+        if len(prompt_token_ids) >= max_len:
+            raise ContextLengthError(
+                f"prompt has {len(prompt_token_ids)} tokens; max_model_len is {max_len}", "prompt"
+            )
+        params.validate(vocab)
+        if len(self.scheduler.waiting) >= self.cfg.scheduler.max_waiting:
+            raise QueueFullError(f"{len(self.scheduler.waiting)} requests already waiting")
+        seed = params.seed if params.seed is not None else int(self._rng.integers(2**63))
+        req = Request(request_id, list(prompt_token_ids), params, seed=seed)
+        self.requests[request_id] = req
+        self._detok[request_id] = IncrementalDetokenizer(
+            self.tokenizer, params.stop, params.skip_special_tokens
+        )
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        """Free the request's slot and pages now; False if it is unknown or already done."""
+        req = self.requests.pop(request_id, None)
+        self._detok.pop(request_id, None)
+        if req is None or req.finished:
+            return False
+        self.scheduler.finish(req, FinishReason.ABORT)
+        self.stats.num_aborted += 1
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the loop ----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        if plan.is_idle:
+            return []
+        t1 = time.perf_counter()
+        try:
+            result = self._run(plan)
+        except Exception as exc:  # noqa: BLE001 - the step's requests fail, the engine lives
+            return self._fail(plan, exc)
+        if plan.is_prefill:
+            rows = [(i, c.request) for i, c in enumerate(plan.prefill) if c.is_last]
+            tokens = result.tokens[: len(plan.prefill)]
+        else:
+            rows = [(r.slot, r) for r in plan.decode]
+            tokens = result.tokens[[r.slot for r in plan.decode]]
+        self.scheduler.update(plan, tokens.tolist())
+        outputs = self._emit(rows, result)
+        t2 = time.perf_counter()
+        s = self.stats
+        s.num_steps += 1
+        s.schedule_s += t1 - t0
+        s.device_s += result.device_s
+        s.postprocess_s += t2 - t1 - result.device_s
+        s.step_times.append(t2 - t0)
+        return outputs
+
+    def _run(self, plan: StepPlan) -> StepResult:
+        s = self.stats
+        owners = tuple(r.request_id if r else None for r in self.scheduler.slots)
+        if s.trace is not None:
+            s.trace.append(("prefill" if plan.is_prefill else "decode", owners))
+        if plan.is_prefill:
+            s.num_prefill_steps += 1
+            s.prompt_tokens += sum(c.length for c in plan.prefill)
+            return self.runner.prefill(self.builder.prefill(plan.prefill))
+        s.num_decode_steps += 1
+        s.busy_slot_steps += len(plan.decode)
+        s.total_slot_steps += len(self.scheduler.slots)
+        return self.runner.decode(self.builder.decode(plan.decode))
+
+    def _emit(self, rows: list[tuple[int, Request]], result: StepResult) -> list[RequestOutput]:
+        """Detokenize each row's new token, apply stop strings, build the deltas."""
+        outputs = []
+        now = time.monotonic()
+        for row, req in rows:
+            if req.request_id not in self.requests:
+                continue
+            token = req.output_token_ids[-1]
+            self.stats.generation_tokens += 1
+            req.first_token_time = req.first_token_time or now
+            detok = self._detok[req.request_id]
+            detok.add(token)
+            if detok.stopped and not req.finished:
+                self.scheduler.finish(req, FinishReason.STOP)
+            logprobs = None
+            if req.params.logprobs is not None:
+                k = req.params.logprobs
+                top = tuple(zip(result.top_ids[row, :k].tolist(),
+                                result.top_logprobs[row, :k].tolist(), strict=True))
+                logprobs = [TokenLogprob(token, float(result.logprobs[row]), top)]
+            outputs.append(self._output(req, [token], detok.take(req.finished), logprobs))
+        return outputs
+
+    def _output(self, req: Request, new_ids: list[int], text: str,
+                logprobs: list[TokenLogprob] | None = None, error: str | None = None
+                ) -> RequestOutput:
+        if req.finished:
+            self.requests.pop(req.request_id, None)
+            self._detok.pop(req.request_id, None)
+        return RequestOutput(
+            request_id=req.request_id, new_token_ids=new_ids, new_text=text,
+            finished=req.finished, finish_reason=req.finish_reason,
+            num_prompt_tokens=len(req.prompt_token_ids),
+            num_output_tokens=len(req.output_token_ids), logprobs=logprobs, error=error,
+        )
+
+    def _fail(self, plan: StepPlan, exc: Exception) -> list[RequestOutput]:
+        """Fail the step's requests; recompute the others if the device state was lost."""
+        victims = [c.request for c in plan.prefill] + plan.decode
+        outputs = []
+        for req in victims:
+            if not req.finished:
+                self.scheduler.finish(req, FinishReason.ERROR)
+            self.stats.num_failed += 1
+            outputs.append(self._output(req, [], "", error=f"{type(exc).__name__}: {exc}"))
+        reset = getattr(self.runner, "reset_if_invalid", None)
+        if reset is not None and reset():
+            for req in self.scheduler.running:
+                self.scheduler.retract(req)
+        return outputs
+
+    def num_running(self) -> int:
+        return sum(r is not None for r in self.scheduler.slots)

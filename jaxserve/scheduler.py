@@ -1,0 +1,217 @@
+"""SGLang-style scheduler: a waiting queue, a running batch in fixed slots, and a StepPlan per step.
+
+Each step is a prefill of admitted requests (priority) or one decode of all running requests.
+Admission is limited by free KV pages (with a decaying `new_token_ratio` reserve for the
+running requests' future tokens), by the slot count and by the prefill token budget; when
+decode runs out of pages the cheapest request is retracted and recomputed later.
+Plain Python: no jax here.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass, field
+
+from jaxserve.config import SchedulerConfig
+from jaxserve.pages import PageAllocator, pages_for
+from jaxserve.request import FinishReason, Request, RequestState
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    request: Request
+    start: int  # first token of the chunk (tokens before it are already in the cache)
+    length: int
+
+    @property
+    def is_last(self) -> bool:
+        return self.start + self.length == self.request.num_tokens
+
+
+@dataclass
+class StepPlan:
+    prefill: list[PrefillChunk] = field(default_factory=list)
+    decode: list[Request] = field(default_factory=list)
+    retracted: list[Request] = field(default_factory=list)
+
+    @property
+    def is_prefill(self) -> bool:
+        return bool(self.prefill)
+
+    @property
+    def is_idle(self) -> bool:
+        return not self.prefill and not self.decode
+
+
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+class Scheduler:
+    """Owns the waiting queue, the slots and the page allocator; returns one StepPlan per step."""
+
+    def __init__(self, cfg: SchedulerConfig, page_size: int, num_pages: int,
+                 eos_token_ids: tuple[int, ...] = ()):
+        if num_pages * page_size < cfg.max_model_len:
+            raise ValueError(
+                f"num_pages * page_size = {num_pages * page_size} tokens cannot hold one "
+                f"request of max_model_len={cfg.max_model_len}"
+            )
+        self.cfg = cfg
+        self.page_size = page_size
+        self.eos_token_ids = eos_token_ids
+        self.allocator = PageAllocator(num_pages)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.slots: list[Request | None] = [None] * cfg.max_running_requests
+        self.new_token_ratio = cfg.init_new_token_ratio
+        self.num_retractions = 0
+        self._batch_open = True  # static policy: admit only while a new batch is being filled
+
+    # ---- queue -------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        req.state = RequestState.WAITING
+        self.waiting.append(req)
+
+    @property
+    def running(self) -> list[Request]:
+        return [r for r in self.slots if r is not None]
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.slots)
+
+    def finish(self, req: Request, reason: FinishReason) -> None:
+        """Finish a request now: its slot and pages are free for this very step's refill."""
+        if req.state is RequestState.WAITING:
+            self.waiting.remove(req)
+        self._release(req)
+        req.state = RequestState.FINISHED
+        req.finish_reason = reason
+
+    def _release(self, req: Request) -> None:
+        self.allocator.free(req.pages)
+        req.pages = []
+        req.num_computed = 0
+        if req.slot is not None:
+            self.slots[req.slot] = None
+            req.slot = None
+
+    # ---- planning ----------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        plan = self._schedule_prefill()
+        return plan if plan.is_prefill else self._schedule_decode()
+
+    def _reserved_tokens(self) -> int:
+        """Future decode tokens of running requests, discounted by `new_token_ratio`."""
+        total = 0
+        for r in self.running:
+            left = r.params.max_tokens - len(r.output_token_ids)
+            total += math.ceil(max(left, 0) * self.new_token_ratio)
+        return total
+
+    def _schedule_prefill(self) -> StepPlan:
+        cfg = self.cfg
+        if cfg.policy == "static":
+            if not self.running:
+                self._batch_open = True
+            if not self._batch_open:
+                return StepPlan()
+        budget = cfg.max_prefill_tokens
+        chunks: list[PrefillChunk] = []
+        # Requests already admitted whose prompt is longer than one step's budget go first.
+        for req in self.running:
+            if req.state is RequestState.PREFILLING and budget > 0 and len(chunks) < cfg.max_prefill_seqs:
+                n = min(req.num_tokens - req.num_computed, budget)
+                chunks.append(PrefillChunk(req, req.num_computed, n))
+                budget -= _round_up(n, cfg.prefill_block)
+        free_tokens = self.allocator.num_free * self.page_size - self._reserved_tokens()
+        while self.waiting and budget > 0 and len(chunks) < cfg.max_prefill_seqs:
+            if None not in self.slots:
+                break
+            req = self.waiting[0]
+            n = req.num_tokens
+            left = req.params.max_tokens - len(req.output_token_ids)
+            need_pages = pages_for(n, self.page_size)
+            if need_pages > self.allocator.num_free:
+                break
+            # The reserve only applies while others run: a lone request always gets in.
+            estimate = n + math.ceil(left * self.new_token_ratio)
+            if (self.running or chunks) and estimate > free_tokens:
+                break
+            length = min(n, budget)
+            if length < n and not cfg.chunked_prefill:
+                if chunks:
+                    break
+                raise ValueError(f"prompt of {n} tokens exceeds max_prefill_tokens without chunking")
+            self.waiting.popleft()
+            req.slot = self.slots.index(None)
+            self.slots[req.slot] = req
+            req.pages = self.allocator.alloc(need_pages)
+            req.state = RequestState.PREFILLING
+            chunks.append(PrefillChunk(req, 0, length))
+            budget -= _round_up(length, cfg.prefill_block)
+            free_tokens -= estimate
+        return StepPlan(prefill=chunks)
+
+    def _schedule_decode(self) -> StepPlan:
+        self._batch_open = False
+        decoding = [r for r in self.running if r.state is RequestState.DECODING]
+        retracted: list[Request] = []
+
+        def missing(r: Request) -> int:  # pages r needs to write its next token
+            return max(0, pages_for(r.num_computed + 1, self.page_size) - len(r.pages))
+
+        while sum(missing(r) for r in decoding) > self.allocator.num_free and len(decoding) > 1:
+            # Retract what costs least to redo: the fewest cached tokens, newest on ties.
+            victim = min(decoding, key=lambda r: (r.num_computed, -r.arrival_time))
+            decoding.remove(victim)
+            self.retract(victim)
+            retracted.append(victim)
+        for r in decoding:
+            r.pages += self.allocator.alloc(missing(r))
+        if retracted:
+            self.new_token_ratio = self.cfg.init_new_token_ratio
+        else:
+            self.new_token_ratio = max(
+                self.cfg.min_new_token_ratio, self.new_token_ratio - self.cfg.new_token_ratio_decay
+            )
+        return StepPlan(decode=decoding, retracted=retracted)
+
+    def retract(self, req: Request) -> None:
+        """Back to the front of the queue; its output is kept and recomputed on re-admission."""
+        self._release(req)
+        req.state = RequestState.WAITING
+        req.num_retractions += 1
+        self.num_retractions += 1
+        self.waiting.appendleft(req)
+
+    # ---- results -----------------------------------------------------------------------
+    def update(self, plan: StepPlan, next_tokens: list[int]) -> list[Request]:
+        """Record sampled tokens (one per prefill chunk or decode row); return finished ones."""
+        finished = []
+        rows = plan.prefill if plan.is_prefill else plan.decode
+        for row, token in zip(rows, next_tokens, strict=True):
+            if isinstance(row, PrefillChunk):
+                req = row.request
+                req.num_computed = row.start + row.length
+                if not row.is_last:
+                    continue
+                req.state = RequestState.DECODING
+            else:
+                req = row
+                req.num_computed += 1
+            req.output_token_ids.append(int(token))
+            reason = self._finish_reason(req)
+            if reason is not None:
+                self.finish(req, reason)
+                finished.append(req)
+        return finished
+
+    def _finish_reason(self, req: Request) -> FinishReason | None:
+        token = req.output_token_ids[-1]
+        p = req.params
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return FinishReason.STOP
+        if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.cfg.max_model_len:
+            return FinishReason.LENGTH
+        return None

@@ -1,0 +1,62 @@
+"""Attention over a paged KV cache: one entry point per op, dispatched by backend.
+
+`impl=None` picks the Pallas kernel on GPU/TPU and the jnp reference on CPU; "reference",
+"pallas" and "interpret" (Pallas in interpret mode, for CPU tests) force a choice.
+This package depends only on JAX.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from kernels import reference
+from kernels.reference import write_kv
+
+__all__ = ["extend_attention", "paged_attention", "write_kv", "resolve_impl"]
+
+IMPLS = ("reference", "pallas", "interpret")
+
+
+def resolve_impl(impl: str | None, platform: str | None = None) -> str:
+    """The implementation to run: `impl` if given, else by the default backend's platform."""
+    if impl is not None:
+        if impl not in IMPLS:
+            raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+        return impl
+    platform = platform or jax.default_backend()
+    return "reference" if platform == "cpu" else "pallas"
+
+
+def _backend_module(platform: str):
+    if platform == "tpu":
+        from kernels import tpu
+
+        return tpu
+    from kernels import gpu
+
+    return gpu
+
+
+def paged_attention(q, k_pages, v_pages, page_table, lengths, *, scale, sliding_window=None,
+                    soft_cap=None, impl=None, platform=None):
+    """Decode attention; see `kernels.reference.paged_attention` for the contract."""
+    impl = resolve_impl(impl, platform)
+    kw = dict(scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if impl == "reference":
+        return reference.paged_attention(q, k_pages, v_pages, page_table, lengths, **kw)
+    mod = _backend_module(platform or jax.default_backend())
+    return mod.paged_attention(q, k_pages, v_pages, page_table, lengths,
+                               interpret=impl == "interpret", **kw)
+
+
+def extend_attention(q, k_pages, v_pages, page_table, block_seq, positions, *, block_q, scale,
+                     sliding_window=None, soft_cap=None, impl=None, platform=None):
+    """Ragged prefill/extend attention; see `kernels.reference.extend_attention`."""
+    impl = resolve_impl(impl, platform)
+    kw = dict(block_q=block_q, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if impl == "reference":
+        return reference.extend_attention(q, k_pages, v_pages, page_table, block_seq, positions,
+                                          **kw)
+    mod = _backend_module(platform or jax.default_backend())
+    return mod.extend_attention(q, k_pages, v_pages, page_table, block_seq, positions,
+                                interpret=impl == "interpret", **kw)

@@ -1,0 +1,85 @@
+"""A tiny hand-computable stand-in for the device runner, for scheduler and engine tests.
+
+Its "KV cache" stores token ids in the real page layout; the next token is the sum of every
+token the sequence has, read back through its page table, modulo VOCAB. A wrong, leaked or
+overwritten page changes the output, so the paging is checked, not assumed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxserve.config import ModelConfig
+from jaxserve.runner import StepResult
+from jaxserve.state import DecodeBatch, PrefillBatch
+
+VOCAB = 97
+EOS = 0
+FAKE_MODEL = ModelConfig(vocab_size=VOCAB, hidden_size=1, intermediate_size=1, num_layers=1,
+                         num_heads=1, num_kv_heads=1, head_dim=1, eos_token_ids=(EOS,))
+
+
+def expected_tokens(prompt: list[int], max_tokens: int) -> list[int]:
+    """What the fake model generates for `prompt`, computed without any engine."""
+    seq, out = list(prompt), []
+    for _ in range(max_tokens):
+        nxt = sum(seq) % VOCAB
+        out.append(nxt)
+        seq.append(nxt)
+        if nxt == EOS:
+            break
+    return out
+
+
+class FakeTokenizer:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(ord("a") + i % 26) for i in ids if not (skip_special_tokens and i == EOS))
+
+
+class FakeRunner:
+    def __init__(self, num_pages: int, page_size: int, num_slots: int):
+        self.store = np.full((num_pages * page_size,), -1, np.int64)
+        self.page_size = page_size
+        self.slot_tokens = np.zeros((num_slots,), np.int64)
+        self.num_compiles = 0
+        self.calls: list[str] = []
+
+    def _read(self, pages: np.ndarray, length: int) -> np.ndarray:
+        pos = np.arange(length)
+        return self.store[pages[pos // self.page_size] * self.page_size + pos % self.page_size]
+
+    def _result(self, tokens: np.ndarray) -> StepResult:
+        r = len(tokens)
+        return StepResult(tokens.astype(np.int32), np.zeros(r, np.float32),
+                          np.zeros((r, 20), np.int32), np.zeros((r, 20), np.float32), 0.0)
+
+    def prefill(self, b: PrefillBatch) -> StepResult:
+        self.calls.append("prefill")
+        ps = self.page_size
+        for t in np.nonzero(b.positions >= 0)[0]:
+            pos = b.positions[t]
+            page = b.page_table[b.token_seq[t], pos // ps]
+            self.store[page * ps + pos % ps] = b.tokens[t]
+        out = np.zeros(len(b.seq_slot), np.int64)
+        for i, slot in enumerate(b.seq_slot):
+            if slot >= len(self.slot_tokens) or not b.do_sample[i]:
+                continue
+            n = b.positions[b.last_idx[i]] + 1
+            seq = self._read(b.page_table[i], n)
+            assert (seq >= 0).all(), "read a position that was never written"
+            out[i] = seq.sum() % VOCAB
+            self.slot_tokens[slot] = out[i]
+        return self._result(out)
+
+    def decode(self, b: DecodeBatch) -> StepResult:
+        self.calls.append("decode")
+        ps = self.page_size
+        out = self.slot_tokens.copy()
+        for slot in np.nonzero(b.positions >= 0)[0]:
+            pos = b.positions[slot]
+            self.store[b.page_table[slot, pos // ps] * ps + pos % ps] = self.slot_tokens[slot]
+            seq = self._read(b.page_table[slot], pos + 1)
+            assert (seq >= 0).all(), "read a position that was never written"
+            out[slot] = seq.sum() % VOCAB
+        self.slot_tokens = out
+        return self._result(out)

@@ -1,0 +1,217 @@
+"""Scheduler behaviour on a hand-computable fake model (see tests/fake_model.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from jaxserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from jaxserve.engine import Engine
+from jaxserve.request import FinishReason, RequestState, SamplingParams
+from jaxserve.scheduler import Scheduler
+from tests.fake_model import FAKE_MODEL, FakeRunner, FakeTokenizer, expected_tokens
+
+
+def make_engine(num_pages=64, page_size=4, slots=4, **sched) -> Engine:
+    sched = {"max_running_requests": slots, "max_prefill_tokens": 32, "prefill_block": 4,
+             "prefill_buckets": (8, 32), "decode_len_buckets": (64,), "max_model_len": 64,
+             "max_prefill_seqs": 4, **sched}
+    cfg = EngineConfig(cache=CacheConfig(page_size=page_size, num_pages=num_pages),
+                       scheduler=SchedulerConfig(**sched))
+    runner = FakeRunner(num_pages, page_size, slots)
+    engine = Engine(cfg, FAKE_MODEL, FakeTokenizer(), runner)
+    engine.stats.trace = []
+    return engine
+
+
+@pytest.fixture
+def engines():
+    """Every engine a test makes must end with all pages and slots free."""
+    made: list[Engine] = []
+
+    def factory(**kw) -> Engine:
+        made.append(make_engine(**kw))
+        return made[-1]
+
+    yield factory
+    for e in made:
+        assert e.scheduler.allocator.num_free == e.scheduler.allocator.num_pages
+        assert all(s is None for s in e.scheduler.slots)
+        assert not e.scheduler.waiting
+
+
+def run(engine: Engine, max_steps: int = 10_000) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for _ in range(max_steps):
+        if not engine.has_work():
+            return out
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+    raise AssertionError("engine did not drain")
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0)
+
+
+PROMPTS = {f"r{i}": [3 + i, 5, 7 + 2 * i] * (1 + i % 3) for i in range(6)}
+
+
+def add_all(engine: Engine, max_tokens: int = 12) -> None:
+    for rid, prompt in PROMPTS.items():
+        engine.add_request(rid, prompt, greedy(max_tokens))
+
+
+def test_outputs_match_hand_computation(engines):
+    e = engines()
+    add_all(e)
+    out = run(e)
+    assert out == {rid: expected_tokens(p, 12) for rid, p in PROMPTS.items()}
+
+
+def test_prefill_has_priority_over_decode(engines):
+    e = engines()
+    e.add_request("a", [1, 2, 3], greedy(20))
+    e.step()  # prefill a
+    e.step()  # decode a
+    e.add_request("b", [4, 5], greedy(5))
+    e.step()
+    assert e.runner.calls[-1] == "prefill"
+    assert e.scheduler.slots.count(None) == 2
+    run(e)
+
+
+def test_finished_slot_is_refilled_on_the_next_step(engines):
+    e = engines(slots=2)
+    e.add_request("short", [1, 1], greedy(2))
+    e.add_request("long", [2, 2], greedy(10))
+    e.add_request("late", [3, 3], greedy(3))
+    e.step()  # prefill short + long; late waits for a slot
+    assert e.scheduler.waiting[0].request_id == "late"
+    outs = e.step()  # decode: short finishes (its 2nd token)
+    assert any(o.request_id == "short" and o.finished for o in outs)
+    assert e.scheduler.slots.count(None) == 1  # freed at once
+    e.step()
+    kind, owners = e.stats.trace[-1]
+    assert kind == "prefill" and "late" in owners
+    out = run(e)
+    assert out["late"] == expected_tokens([3, 3], 3)[1:]  # first token came in the earlier step
+
+
+def test_admission_is_limited_by_free_pages(engines):
+    # 7 free pages of 4 tokens: each 10-token prompt needs 3 pages, so only two fit at once.
+    e = engines(num_pages=16, page_size=4, max_model_len=32, decode_len_buckets=(32,))
+    for i in range(4):
+        e.add_request(f"p{i}", [i + 1] * 10, greedy(4))
+    held = e.scheduler.allocator.alloc(9)  # memory held elsewhere
+    first = {o.request_id: o.new_token_ids for o in e.step()}
+    assert len(e.scheduler.running) == 2
+    assert len(e.scheduler.waiting) == 2
+    e.scheduler.allocator.free(held)
+    out = run(e)
+    for rid, ids in first.items():
+        out[rid] = ids + out[rid]
+    assert out == {f"p{i}": expected_tokens([i + 1] * 10, 4) for i in range(4)}
+
+
+def test_retraction_under_page_exhaustion_gives_identical_output(engines):
+    reference = engines(num_pages=256)
+    add_all(reference, max_tokens=30)
+    want = run(reference)
+    e = engines(num_pages=17, page_size=4)  # 68 tokens of KV for 6 requests growing to ~40
+    add_all(e, max_tokens=30)
+    got = run(e)
+    assert e.scheduler.num_retractions > 0
+    assert got == want
+
+
+def test_retraction_resets_new_token_ratio():
+    cfg = SchedulerConfig(max_running_requests=2, max_model_len=8, init_new_token_ratio=0.3,
+                          new_token_ratio_decay=0.05, min_new_token_ratio=0.1)
+    s = Scheduler(cfg, page_size=4, num_pages=3)
+    from jaxserve.request import Request
+
+    a, b = Request("a", [1, 2, 3, 4], greedy(5)), Request("b", [1, 2, 3, 4], greedy(5))
+    s.add(a)
+    s.add(b)
+    plan = s.schedule()
+    assert [c.request for c in plan.prefill] == [a, b]
+    s.update(plan, [1, 1])
+    plan = s.schedule()  # both need a second page for position 4; one page left -> retract
+    assert plan.retracted == [b] and plan.decode == [a]
+    assert b.state is RequestState.WAITING and b.output_token_ids == [1]
+    assert s.new_token_ratio == 0.3  # reset, not decayed to 0.25
+    s.update(plan, [2])
+    s.finish(a, FinishReason.ABORT)
+    s.finish(b, FinishReason.ABORT)
+    assert s.allocator.num_free == 3
+
+
+def test_new_token_ratio_decays_while_memory_is_fine(engines):
+    e = engines()
+    e.add_request("a", [1], greedy(10))
+    start = e.scheduler.new_token_ratio
+    run(e)
+    assert e.scheduler.new_token_ratio < start
+
+
+def test_chunked_prefill_splits_long_prompts(engines):
+    e = engines(max_prefill_tokens=8, prefill_buckets=(8,))
+    prompt = list(range(1, 30))
+    e.add_request("long", prompt, greedy(5))
+    out = run(e)
+    assert out["long"] == expected_tokens(prompt, 5)
+    assert e.stats.num_prefill_steps == 4  # 29 tokens in chunks of 8
+
+
+def test_static_policy_waits_for_the_whole_batch(engines):
+    e = engines(slots=2, policy="static")
+    e.add_request("a", [1, 1], greedy(2))
+    e.add_request("b", [2, 2], greedy(8))
+    e.add_request("c", [3, 3], greedy(2))
+    out = run(e)
+    kinds = [k for k, _ in e.stats.trace]
+    # c is admitted only after b (the longest of the first batch) finished.
+    c_step = next(i for i, (_, owners) in enumerate(e.stats.trace) if "c" in owners)
+    assert all("b" not in owners for _, owners in e.stats.trace[c_step:])
+    assert kinds.count("prefill") == 2
+    assert out == {"a": expected_tokens([1, 1], 2), "b": expected_tokens([2, 2], 8),
+                   "c": expected_tokens([3, 3], 2)}
+
+
+def test_continuous_policy_refills_while_others_run(engines):
+    e = engines(slots=2)
+    e.add_request("a", [1, 1], greedy(2))
+    e.add_request("b", [2, 2], greedy(8))
+    e.add_request("c", [3, 3], greedy(2))
+    run(e)
+    assert any("b" in owners and "c" in owners for _, owners in e.stats.trace)
+
+
+def test_continuous_has_higher_slot_utilisation_than_static(engines):
+    util = {}
+    for policy in ("static", "continuous"):
+        e = engines(slots=4, policy=policy)
+        for i in range(12):
+            e.add_request(f"{policy}{i}", [i + 1, 2], greedy(2 + (i * 7) % 15))
+        run(e)
+        util[policy] = e.stats.busy_slot_steps / e.stats.total_slot_steps
+    assert util["continuous"] > util["static"]
+
+
+def test_abort_frees_slot_and_pages_at_once(engines):
+    e = engines()
+    e.add_request("a", [1, 2, 3], greedy(50))
+    e.add_request("w", [1, 2, 3], greedy(5))
+    e.step()
+    assert e.scheduler.allocator.num_used > 0
+    assert e.abort("a") and e.abort("w")
+    assert e.scheduler.allocator.num_used == 0 and not e.has_work()
+    assert not e.abort("a")
+
+
+def test_stop_token_ids_and_eos(engines):
+    e = engines()
+    prompt = [5, 5]
+    want = expected_tokens(prompt, 10)
+    e.add_request("s", prompt, SamplingParams(max_tokens=10, temperature=0, stop_token_ids=(want[2],)))
+    assert run(e)["s"] == want[:3]
