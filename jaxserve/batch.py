@@ -31,6 +31,10 @@ class BatchBuilder:
         self.page_size = page_size
         self.num_slots = cfg.max_running_requests
         self.max_pages = -(-cfg.max_model_len // page_size)
+        # Decode runs the first n slots for a few n; the largest is always all slots.
+        self.decode_batch_buckets = tuple(
+            sorted({b for b in cfg.decode_batch_buckets if b < self.num_slots} | {self.num_slots})
+        )
 
     def prefill(self, chunks: list[PrefillChunk]) -> PrefillBatch:
         cfg, block = self.cfg, self.cfg.prefill_block
@@ -67,8 +71,19 @@ class BatchBuilder:
             do_sample[i] = c.is_last
             self._write_sampling(sampling, i, req)
             off = nxt
-        return PrefillBatch(tokens, positions, token_seq, is_output, page_table, block_seq,
-                            last_idx, seq_slot, is_first, do_sample, sampling)
+        return PrefillBatch(
+            tokens,
+            positions,
+            token_seq,
+            is_output,
+            page_table,
+            block_seq,
+            last_idx,
+            seq_slot,
+            is_first,
+            do_sample,
+            sampling,
+        )
 
     @staticmethod
     def _write_sampling(out: SeqSampling, i: int, req: Request) -> None:
@@ -83,10 +98,12 @@ class BatchBuilder:
         out.seed[i] = seed32(req.seed)
 
     def decode(self, reqs: list[Request]) -> DecodeBatch:
-        positions = np.full((self.num_slots,), -1, np.int32)
+        """Rows are slots 0..n-1, n the smallest batch bucket holding every running slot."""
+        n = smallest_bucket(max(r.slot for r in reqs) + 1, self.decode_batch_buckets)
+        positions = np.full((n,), -1, np.int32)
         longest = max(r.num_computed + 1 for r in reqs)
         ctx = smallest_bucket(min(longest, self.cfg.max_model_len), self.cfg.decode_len_buckets)
-        page_table = np.zeros((self.num_slots, -(-ctx // self.page_size)), np.int32)
+        page_table = np.zeros((n, -(-ctx // self.page_size)), np.int32)
         for r in reqs:
             positions[r.slot] = r.num_computed  # the input token's position
             page_table[r.slot, : len(r.pages)] = r.pages
@@ -97,16 +114,26 @@ class BatchBuilder:
         cfg, block, s = self.cfg, self.cfg.prefill_block, self.cfg.max_prefill_seqs
         prefills = []
         for t in cfg.prefill_buckets:
-            prefills.append(PrefillBatch(
-                np.zeros((t,), np.int32), np.full((t,), -1, np.int32), np.full((t,), s, np.int32),
-                np.zeros((t,), np.bool_), np.zeros((s, self.max_pages), np.int32),
-                np.zeros((t // block,), np.int32), np.zeros((s,), np.int32),
-                np.full((s,), self.num_slots, np.int32), np.zeros((s,), np.bool_),
-                np.zeros((s,), np.bool_), SeqSampling.empty(s),
-            ))
+            prefills.append(
+                PrefillBatch(
+                    np.zeros((t,), np.int32),
+                    np.full((t,), -1, np.int32),
+                    np.full((t,), s, np.int32),
+                    np.zeros((t,), np.bool_),
+                    np.zeros((s, self.max_pages), np.int32),
+                    np.zeros((t // block,), np.int32),
+                    np.zeros((s,), np.int32),
+                    np.full((s,), self.num_slots, np.int32),
+                    np.zeros((s,), np.bool_),
+                    np.zeros((s,), np.bool_),
+                    SeqSampling.empty(s),
+                )
+            )
         decodes = [
-            DecodeBatch(np.full((self.num_slots,), -1, np.int32),
-                        np.zeros((self.num_slots, -(-ctx // self.page_size)), np.int32))
+            DecodeBatch(
+                np.full((n,), -1, np.int32), np.zeros((n, -(-ctx // self.page_size)), np.int32)
+            )
+            for n in self.decode_batch_buckets
             for ctx in cfg.decode_len_buckets
         ]
         return prefills, decodes

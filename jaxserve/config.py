@@ -6,9 +6,10 @@ Defaults live here and nowhere else; environment variables are read only in `cli
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -64,6 +65,7 @@ class SchedulerConfig:
     prefill_block: int = 16  # each sequence starts a new block of this many tokens
     prefill_buckets: tuple[int, ...] = (64, 512)
     decode_len_buckets: tuple[int, ...] = (512, 2048)  # context buckets of the decode fn
+    decode_batch_buckets: tuple[int, ...] = (4, 16)  # plus max_running_requests, always
     max_model_len: int = 2048
     chunked_prefill: bool = True
     policy: str = "continuous"  # or "static"
@@ -91,6 +93,7 @@ class EngineConfig:
     """Everything the engine needs; one TOML file maps onto it."""
 
     model: str = "smollm2-135m"
+    cache_dir: str | None = None  # where presets are fetched to; None = ~/.cache/jaxserve
     dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on GPU/TPU
     attention_impl: str | None = None  # None = by backend; "reference" | "pallas" | "interpret"
     seed: int = 0

@@ -14,8 +14,9 @@ class Decoder(Protocol):
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Decoder, stop: tuple[str, ...] = (),
-                 skip_special_tokens: bool = True):
+    def __init__(
+        self, tokenizer: Decoder, stop: tuple[str, ...] = (), skip_special_tokens: bool = True
+    ):
         self.tokenizer = tokenizer
         self.stop = stop
         self.skip_special = skip_special_tokens

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -17,7 +18,11 @@ from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.detokenize import Decoder, IncrementalDetokenizer
 from jaxserve.errors import ContextLengthError, InvalidRequestError, QueueFullError
 from jaxserve.request import (
-    FinishReason, Request, RequestOutput, RequestState, SamplingParams, TokenLogprob,
+    FinishReason,
+    Request,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
 )
 from jaxserve.runner import StepResult
 from jaxserve.scheduler import Scheduler, StepPlan
@@ -44,6 +49,8 @@ class EngineStats:
     num_failed: int = 0
     schedule_s: float = 0.0
     device_s: float = 0.0
+    prefill_device_s: float = 0.0
+    decode_device_s: float = 0.0
     postprocess_s: float = 0.0
     busy_slot_steps: int = 0  # sum over decode steps of slots doing useful work
     total_slot_steps: int = 0
@@ -52,14 +59,16 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig, tokenizer: Decoder,
-                 runner: StepRunner):
+    def __init__(
+        self, cfg: EngineConfig, model_cfg: ModelConfig, tokenizer: Decoder, runner: StepRunner
+    ):
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.tokenizer = tokenizer
         self.runner = runner
-        self.scheduler = Scheduler(cfg.scheduler, cfg.cache.page_size, cfg.cache.num_pages,
-                                   model_cfg.eos_token_ids)
+        self.scheduler = Scheduler(
+            cfg.scheduler, cfg.cache.page_size, cfg.cache.num_pages, model_cfg.eos_token_ids
+        )
         self.builder = BatchBuilder(cfg.scheduler, cfg.cache.page_size)
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -71,8 +80,10 @@ class Engine:
         from jaxserve.runner import Runner
         from jaxserve.weights import load_model
 
-        loaded = load_model(cfg.model)
-        engine = cls(cfg, loaded.config, loaded.tokenizer, Runner(loaded.config, loaded.params, cfg))
+        loaded = load_model(cfg.model, Path(cfg.cache_dir) if cfg.cache_dir else None)
+        engine = cls(
+            cfg, loaded.config, loaded.tokenizer, Runner(loaded.config, loaded.params, cfg)
+        )
         if warmup:
             engine.warmup()
         return engine
@@ -86,8 +97,9 @@ class Engine:
             self.runner.decode(d)
 
     # ---- requests ----------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams) -> Request:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> Request:
         if request_id in self.requests:
             raise InvalidRequestError(f"duplicate request_id {request_id!r}", param="request_id")
         if not prompt_token_ids:
@@ -150,6 +162,10 @@ class Engine:
         s.num_steps += 1
         s.schedule_s += t1 - t0
         s.device_s += result.device_s
+        if plan.is_prefill:
+            s.prefill_device_s += result.device_s
+        else:
+            s.decode_device_s += result.device_s
         s.postprocess_s += t2 - t1 - result.device_s
         s.step_times.append(t2 - t0)
         return outputs
@@ -185,23 +201,38 @@ class Engine:
             logprobs = None
             if req.params.logprobs is not None:
                 k = req.params.logprobs
-                top = tuple(zip(result.top_ids[row, :k].tolist(),
-                                result.top_logprobs[row, :k].tolist(), strict=True))
+                top = tuple(
+                    zip(
+                        result.top_ids[row, :k].tolist(),
+                        result.top_logprobs[row, :k].tolist(),
+                        strict=True,
+                    )
+                )
                 logprobs = [TokenLogprob(token, float(result.logprobs[row]), top)]
             outputs.append(self._output(req, [token], detok.take(req.finished), logprobs))
         return outputs
 
-    def _output(self, req: Request, new_ids: list[int], text: str,
-                logprobs: list[TokenLogprob] | None = None, error: str | None = None
-                ) -> RequestOutput:
+    def _output(
+        self,
+        req: Request,
+        new_ids: list[int],
+        text: str,
+        logprobs: list[TokenLogprob] | None = None,
+        error: str | None = None,
+    ) -> RequestOutput:
         if req.finished:
             self.requests.pop(req.request_id, None)
             self._detok.pop(req.request_id, None)
         return RequestOutput(
-            request_id=req.request_id, new_token_ids=new_ids, new_text=text,
-            finished=req.finished, finish_reason=req.finish_reason,
+            request_id=req.request_id,
+            new_token_ids=new_ids,
+            new_text=text,
+            finished=req.finished,
+            finish_reason=req.finish_reason,
             num_prompt_tokens=len(req.prompt_token_ids),
-            num_output_tokens=len(req.output_token_ids), logprobs=logprobs, error=error,
+            num_output_tokens=len(req.output_token_ids),
+            logprobs=logprobs,
+            error=error,
         )
 
     def _fail(self, plan: StepPlan, exc: Exception) -> list[RequestOutput]:

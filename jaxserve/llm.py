@@ -43,8 +43,13 @@ class GenerationOutput:
 class LLM:
     """A warmed engine plus a blocking generate loop."""
 
-    def __init__(self, model: str = "smollm2-135m", config: EngineConfig | str | Path | None = None,
-                 engine: Engine | None = None, **overrides):
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        config: EngineConfig | str | Path | None = None,
+        engine: Engine | None = None,
+        **overrides,
+    ):
         if engine is None:
             cfg = config if isinstance(config, EngineConfig) else load_config(config)
             cfg = replace(cfg, model=model, **overrides)
@@ -53,27 +58,40 @@ class LLM:
         self.tokenizer = engine.tokenizer
         self._ids = itertools.count()
 
-    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None
-                 ) -> list[GenerationOutput]:
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[GenerationOutput]:
         """Prompts are strings or token-id lists; outputs come back in prompt order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        token_lists = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        token_lists = [
+            self.tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p)
+            for p in prompts
+        ]
         return self.generate_tokens(token_lists, params)
 
-    def chat(self, conversations: Sequence[Message] | Sequence[Sequence[Message]],
-             params: SamplingParams | Sequence[SamplingParams] | None = None
-             ) -> list[GenerationOutput]:
+    def chat(
+        self,
+        conversations: Sequence[Message] | Sequence[Sequence[Message]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[GenerationOutput]:
         """One conversation (a list of messages) or several; renders the model's template."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]  # type: ignore[list-item]
-        prompts = [self.tokenizer.apply_chat_template(list(c)) for c in conversations]
-        return self.generate(prompts, params)
+        # The template writes any BOS itself, so no special tokens are added on encoding.
+        prompts = [
+            self.tokenizer.encode(self.tokenizer.apply_chat_template(list(c)))
+            for c in conversations
+        ]
+        return self.generate_tokens(prompts, params)
 
-    def generate_tokens(self, token_lists: Sequence[Sequence[int]],
-                        params: SamplingParams | Sequence[SamplingParams] | None = None
-                        ) -> list[GenerationOutput]:
+    def generate_tokens(
+        self,
+        token_lists: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[GenerationOutput]:
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(token_lists)
         if len(params) != len(token_lists):

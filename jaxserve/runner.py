@@ -69,8 +69,9 @@ class Runner:
     @staticmethod
     def _to_host(out: SampleOutput, t0: float) -> StepResult:
         host = jax.device_get(out)
-        return StepResult(host.tokens, host.logprobs, host.top_ids, host.top_logprobs,
-                          time.perf_counter() - t0)
+        return StepResult(
+            host.tokens, host.logprobs, host.top_ids, host.top_logprobs, time.perf_counter() - t0
+        )
 
     # ---- traced step functions ---------------------------------------------------------
     def _count_trace(self) -> None:
@@ -79,28 +80,35 @@ class Runner:
 
     def _attend_decode(self, page_table, lengths):
         return functools.partial(
-            kernels.paged_attention, page_table=page_table, lengths=lengths,
-            scale=llama.softmax_scale(self.model_cfg), impl=self.impl,
+            kernels.paged_attention,
+            page_table=page_table,
+            lengths=lengths,
+            scale=llama.softmax_scale(self.model_cfg),
+            impl=self.impl,
         )
 
     def _decode_step(self, params, kv, slots: SlotState, batch: DecodeBatch):
+        """Decode the first n slots (n = the batch bucket); the rest of the state is untouched."""
         self._count_trace()
         ps = self.page_size
-        positions = batch.positions  # [B]
+        positions = batch.positions  # [n]
+        n = positions.shape[0]
+        num_slots = slots.tokens.shape[0]
         active = positions >= 0
         pos = jnp.maximum(positions, 0)
         page = jnp.take_along_axis(batch.page_table, (pos // ps)[:, None], axis=1)[:, 0]
         slot_mapping = jnp.where(active, page * ps + pos % ps, -1)
         lengths = jnp.where(active, positions + 1, 0)
         attend = self._attend_decode(batch.page_table, lengths)
-        hidden, kv = llama.forward(params, self.model_cfg, kv, slots.tokens, positions,
-                                   slot_mapping, attend)
-        out = sample(llama.lm_head(params, hidden), slots.rows, positions + 1)
-        num_slots = positions.shape[0]
-        rows = jnp.where(active, jnp.arange(num_slots), num_slots)  # inactive -> dropped
-        counts = slots.rows.output_counts.at[rows, out.tokens].add(1, mode="drop")
+        hidden, kv = llama.forward(
+            params, self.model_cfg, kv, slots.tokens[:n], positions, slot_mapping, attend
+        )
+        rows = jax.tree.map(lambda a: a[:n], slots.rows)
+        out = sample(llama.lm_head(params, hidden), rows, positions + 1)
+        updated = jnp.where(active, jnp.arange(n), num_slots)  # inactive -> dropped
+        counts = slots.rows.output_counts.at[updated, out.tokens].add(1, mode="drop")
         slots = SlotState(
-            tokens=jnp.where(active, out.tokens, slots.tokens),
+            tokens=slots.tokens.at[updated].set(out.tokens, mode="drop"),
             rows=slots.rows.replace(output_counts=counts),
         )
         return kv, slots, out
@@ -116,12 +124,17 @@ class Runner:
         page = batch.page_table[seq, pos // ps]
         slot_mapping = jnp.where(valid, page * ps + pos % ps, -1)
         attend = functools.partial(
-            kernels.extend_attention, page_table=batch.page_table, block_seq=batch.block_seq,
-            positions=batch.positions, block_q=self.cfg.scheduler.prefill_block,
-            scale=llama.softmax_scale(cfg), impl=self.impl,
+            kernels.extend_attention,
+            page_table=batch.page_table,
+            block_seq=batch.block_seq,
+            positions=batch.positions,
+            block_q=self.cfg.scheduler.prefill_block,
+            scale=llama.softmax_scale(cfg),
+            impl=self.impl,
         )
-        hidden, kv = llama.forward(params, cfg, kv, batch.tokens, batch.positions, slot_mapping,
-                                   attend)
+        hidden, kv = llama.forward(
+            params, cfg, kv, batch.tokens, batch.positions, slot_mapping, attend
+        )
         logits = llama.lm_head(params, hidden[batch.last_idx])  # [S, V]
 
         # New sequences take over their slot: settings written, token history cleared.
@@ -129,8 +142,16 @@ class Runner:
         rows = slots.rows
         updates = {
             name: getattr(rows, name).at[first].set(getattr(batch.sampling, name), mode="drop")
-            for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                         "presence_penalty", "frequency_penalty", "seed")
+            for name in (
+                "temperature",
+                "top_k",
+                "top_p",
+                "min_p",
+                "repetition_penalty",
+                "presence_penalty",
+                "frequency_penalty",
+                "seed",
+            )
         }
         prompt_mask = rows.prompt_mask.at[first].set(False, mode="drop")
         counts = rows.output_counts.at[first].set(0, mode="drop")
@@ -144,8 +165,9 @@ class Runner:
         gather = jnp.minimum(batch.seq_slot, num_slots - 1)
         seq_rows = jax.tree.map(lambda a: a[gather], rows)
         out = sample(logits, seq_rows, batch.positions[batch.last_idx] + 1)
-        sampled = jnp.where(batch.do_sample & (batch.seq_slot < num_slots), batch.seq_slot,
-                            num_slots)
+        sampled = jnp.where(
+            batch.do_sample & (batch.seq_slot < num_slots), batch.seq_slot, num_slots
+        )
         counts = rows.output_counts.at[sampled, out.tokens].add(1, mode="drop")
         slots = SlotState(
             tokens=slots.tokens.at[sampled].set(out.tokens, mode="drop"),

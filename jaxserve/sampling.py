@@ -85,6 +85,6 @@ def sample(logits: jax.Array, rows: SamplingRows, positions: jax.Array) -> Sampl
     # An all-greedy batch skips the sort and the noise entirely (cond runs one branch).
     sampled = jax.lax.cond(jnp.all(is_greedy), lambda x: greedy_tokens, draw, x)
     tokens = jnp.where(is_greedy, greedy_tokens, sampled)
-    top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, MAX_TOP_LOGPROBS)
+    top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, min(MAX_TOP_LOGPROBS, logits.shape[-1]))
     chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
     return SampleOutput(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)

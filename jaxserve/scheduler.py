@@ -51,8 +51,13 @@ def _round_up(n: int, block: int) -> int:
 class Scheduler:
     """Owns the waiting queue, the slots and the page allocator; returns one StepPlan per step."""
 
-    def __init__(self, cfg: SchedulerConfig, page_size: int, num_pages: int,
-                 eos_token_ids: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        cfg: SchedulerConfig,
+        page_size: int,
+        num_pages: int,
+        eos_token_ids: tuple[int, ...] = (),
+    ):
         if num_pages * page_size < cfg.max_model_len:
             raise ValueError(
                 f"num_pages * page_size = {num_pages * page_size} tokens cannot hold one "
@@ -120,7 +125,11 @@ class Scheduler:
         chunks: list[PrefillChunk] = []
         # Requests already admitted whose prompt is longer than one step's budget go first.
         for req in self.running:
-            if req.state is RequestState.PREFILLING and budget > 0 and len(chunks) < cfg.max_prefill_seqs:
+            if (
+                req.state is RequestState.PREFILLING
+                and budget > 0
+                and len(chunks) < cfg.max_prefill_seqs
+            ):
                 n = min(req.num_tokens - req.num_computed, budget)
                 chunks.append(PrefillChunk(req, req.num_computed, n))
                 budget -= _round_up(n, cfg.prefill_block)
@@ -142,7 +151,9 @@ class Scheduler:
             if length < n and not cfg.chunked_prefill:
                 if chunks:
                     break
-                raise ValueError(f"prompt of {n} tokens exceeds max_prefill_tokens without chunking")
+                raise ValueError(
+                    f"prompt of {n} tokens exceeds max_prefill_tokens without chunking"
+                )
             self.waiting.popleft()
             req.slot = self.slots.index(None)
             self.slots[req.slot] = req

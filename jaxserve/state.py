@@ -30,8 +30,13 @@ class SeqSampling:
     def empty(s: int) -> SeqSampling:
         f = lambda v: np.full((s,), v, np.float32)  # noqa: E731
         return SeqSampling(
-            temperature=f(0.0), top_k=np.zeros((s,), np.int32), top_p=f(1.0), min_p=f(0.0),
-            repetition_penalty=f(1.0), presence_penalty=f(0.0), frequency_penalty=f(0.0),
+            temperature=f(0.0),
+            top_k=np.zeros((s,), np.int32),
+            top_p=f(1.0),
+            min_p=f(0.0),
+            repetition_penalty=f(1.0),
+            presence_penalty=f(0.0),
+            frequency_penalty=f(0.0),
             seed=np.zeros((s,), np.uint32),
         )
 
@@ -73,8 +78,13 @@ def init_slot_state(num_slots: int, vocab_size: int) -> SlotState:
     b = num_slots
     f = lambda v: jnp.full((b,), v, jnp.float32)  # noqa: E731
     rows = SamplingRows(
-        temperature=f(0.0), top_k=jnp.zeros((b,), jnp.int32), top_p=f(1.0), min_p=f(0.0),
-        repetition_penalty=f(1.0), presence_penalty=f(0.0), frequency_penalty=f(0.0),
+        temperature=f(0.0),
+        top_k=jnp.zeros((b,), jnp.int32),
+        top_p=f(1.0),
+        min_p=f(0.0),
+        repetition_penalty=f(1.0),
+        presence_penalty=f(0.0),
+        frequency_penalty=f(0.0),
         seed=jnp.zeros((b,), jnp.uint32),
         prompt_mask=jnp.zeros((b, vocab_size), jnp.bool_),
         output_counts=jnp.zeros((b, vocab_size), jnp.int32),

@@ -37,26 +37,53 @@ def _backend_module(platform: str):
     return gpu
 
 
-def paged_attention(q, k_pages, v_pages, page_table, lengths, *, scale, sliding_window=None,
-                    soft_cap=None, impl=None, platform=None):
+def paged_attention(
+    q,
+    k_pages,
+    v_pages,
+    page_table,
+    lengths,
+    *,
+    scale,
+    sliding_window=None,
+    soft_cap=None,
+    impl=None,
+    platform=None,
+):
     """Decode attention; see `kernels.reference.paged_attention` for the contract."""
     impl = resolve_impl(impl, platform)
     kw = dict(scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if impl == "reference":
         return reference.paged_attention(q, k_pages, v_pages, page_table, lengths, **kw)
     mod = _backend_module(platform or jax.default_backend())
-    return mod.paged_attention(q, k_pages, v_pages, page_table, lengths,
-                               interpret=impl == "interpret", **kw)
+    return mod.paged_attention(
+        q, k_pages, v_pages, page_table, lengths, interpret=impl == "interpret", **kw
+    )
 
 
-def extend_attention(q, k_pages, v_pages, page_table, block_seq, positions, *, block_q, scale,
-                     sliding_window=None, soft_cap=None, impl=None, platform=None):
+def extend_attention(
+    q,
+    k_pages,
+    v_pages,
+    page_table,
+    block_seq,
+    positions,
+    *,
+    block_q,
+    scale,
+    sliding_window=None,
+    soft_cap=None,
+    impl=None,
+    platform=None,
+):
     """Ragged prefill/extend attention; see `kernels.reference.extend_attention`."""
     impl = resolve_impl(impl, platform)
     kw = dict(block_q=block_q, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if impl == "reference":
-        return reference.extend_attention(q, k_pages, v_pages, page_table, block_seq, positions,
-                                          **kw)
+        return reference.extend_attention(
+            q, k_pages, v_pages, page_table, block_seq, positions, **kw
+        )
     mod = _backend_module(platform or jax.default_backend())
-    return mod.extend_attention(q, k_pages, v_pages, page_table, block_seq, positions,
-                                interpret=impl == "interpret", **kw)
+    return mod.extend_attention(
+        q, k_pages, v_pages, page_table, block_seq, positions, interpret=impl == "interpret", **kw
+    )

@@ -23,6 +23,13 @@ def write_kv(
     total = num_pages * page_size
     # Out-of-range rows are dropped by the scatter, so padding never touches a real page.
     idx = jnp.where(slot_mapping < 0, total, slot_mapping)
+    if idx.shape[0] == 1:
+        # XLA:CPU rewrites a one-row scatter into a dynamic-update-slice and then copies the
+        # whole page array (seen: 5 s per decode step at batch 1). A dropped second row keeps
+        # it a scatter, which updates in place.
+        idx = jnp.concatenate([idx, jnp.array([total], idx.dtype)])
+        k_new = jnp.concatenate([k_new, k_new])
+        v_new = jnp.concatenate([v_new, v_new])
     k_flat = k_pages.reshape(total, kvh, d).at[idx].set(k_new.astype(k_pages.dtype), mode="drop")
     v_flat = v_pages.reshape(total, kvh, d).at[idx].set(v_new.astype(v_pages.dtype), mode="drop")
     return k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)
@@ -98,24 +105,49 @@ def extend_attention(
     """
     t, h, d = q.shape
     _, page_size, kvh, _ = k_pages.shape
-    num_ctx = page_table.shape[1] * page_size
-    kpos = jnp.arange(num_ctx)
-
-    def one(args):
-        q_blk, pos_blk, seq = args  # [block_q, H, D], [block_q], []
-        pages = page_table[seq]
-        k = k_pages[pages].reshape(num_ctx, kvh, d)
-        v = v_pages[pages].reshape(num_ctx, kvh, d)
-        mask = (kpos[None, :] <= pos_blk[:, None]) & (pos_blk[:, None] >= 0)
-        if sliding_window is not None:
-            mask &= kpos[None, :] > pos_blk[:, None] - sliding_window
-        out = _masked_softmax_attend(
-            q_blk.reshape(block_q, kvh, h // kvh, d), k, v, mask, scale, soft_cap
-        )
-        return out.reshape(block_q, h, d)
-
     nb = t // block_q
-    out = jax.lax.map(
-        one, (q.reshape(nb, block_q, h, d), positions.reshape(nb, block_q), block_seq)
-    )
-    return out.reshape(t, h, d).astype(q.dtype)
+    token_seq = jnp.repeat(block_seq, block_q)  # [T]
+    valid = positions >= 0
+    # When every sequence in the step starts at position 0 (plain prefill, no cached prefix),
+    # all keys are the step's own tokens: attend within the packed tokens and skip the page
+    # gather over the whole context, which dominated prefill time on CPU.
+    num_seqs = page_table.shape[0]
+    count = jax.ops.segment_sum(valid.astype(jnp.int32), token_seq, num_seqs)
+    last = jax.ops.segment_max(jnp.where(valid, positions, -1), token_seq, num_seqs)
+    no_prefix = jnp.all((count == 0) | (last + 1 == count))
+
+    def packed(_):
+        pos = jnp.maximum(positions, 0)
+        pages = page_table[token_seq, pos // page_size]
+        k = k_pages[pages, pos % page_size]  # [T, KVH, D], the tokens just written
+        v = v_pages[pages, pos % page_size]
+        mask = (token_seq[:, None] == token_seq[None, :]) & valid[:, None] & valid[None, :]
+        mask &= positions[None, :] <= positions[:, None]
+        if sliding_window is not None:
+            mask &= positions[None, :] > positions[:, None] - sliding_window
+        out = _masked_softmax_attend(q.reshape(t, kvh, h // kvh, d), k, v, mask, scale, soft_cap)
+        return out.reshape(t, h, d)
+
+    def paged(_):
+        num_ctx = page_table.shape[1] * page_size
+        kpos = jnp.arange(num_ctx)
+
+        def one(args):
+            q_blk, pos_blk, seq = args  # [block_q, H, D], [block_q], []
+            pages = page_table[seq]
+            k = k_pages[pages].reshape(num_ctx, kvh, d)
+            v = v_pages[pages].reshape(num_ctx, kvh, d)
+            mask = (kpos[None, :] <= pos_blk[:, None]) & (pos_blk[:, None] >= 0)
+            if sliding_window is not None:
+                mask &= kpos[None, :] > pos_blk[:, None] - sliding_window
+            out = _masked_softmax_attend(
+                q_blk.reshape(block_q, kvh, h // kvh, d), k, v, mask, scale, soft_cap
+            )
+            return out.reshape(block_q, h, d)
+
+        out = jax.lax.map(
+            one, (q.reshape(nb, block_q, h, d), positions.reshape(nb, block_q), block_seq)
+        )
+        return out.reshape(t, h, d)
+
+    return jax.lax.cond(no_prefix, packed, paged, None).astype(q.dtype)

@@ -15,8 +15,16 @@ from jaxserve.state import DecodeBatch, PrefillBatch
 
 VOCAB = 97
 EOS = 0
-FAKE_MODEL = ModelConfig(vocab_size=VOCAB, hidden_size=1, intermediate_size=1, num_layers=1,
-                         num_heads=1, num_kv_heads=1, head_dim=1, eos_token_ids=(EOS,))
+FAKE_MODEL = ModelConfig(
+    vocab_size=VOCAB,
+    hidden_size=1,
+    intermediate_size=1,
+    num_layers=1,
+    num_heads=1,
+    num_kv_heads=1,
+    head_dim=1,
+    eos_token_ids=(EOS,),
+)
 
 
 def expected_tokens(prompt: list[int], max_tokens: int) -> list[int]:
@@ -33,7 +41,9 @@ def expected_tokens(prompt: list[int], max_tokens: int) -> list[int]:
 
 class FakeTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return "".join(chr(ord("a") + i % 26) for i in ids if not (skip_special_tokens and i == EOS))
+        return "".join(
+            chr(ord("a") + i % 26) for i in ids if not (skip_special_tokens and i == EOS)
+        )
 
 
 class FakeRunner:
@@ -50,8 +60,13 @@ class FakeRunner:
 
     def _result(self, tokens: np.ndarray) -> StepResult:
         r = len(tokens)
-        return StepResult(tokens.astype(np.int32), np.zeros(r, np.float32),
-                          np.zeros((r, 20), np.int32), np.zeros((r, 20), np.float32), 0.0)
+        return StepResult(
+            tokens.astype(np.int32),
+            np.zeros(r, np.float32),
+            np.zeros((r, 20), np.int32),
+            np.zeros((r, 20), np.float32),
+            0.0,
+        )
 
     def prefill(self, b: PrefillBatch) -> StepResult:
         self.calls.append("prefill")

@@ -12,11 +12,20 @@ from tests.fake_model import FAKE_MODEL, FakeRunner, FakeTokenizer, expected_tok
 
 
 def make_engine(num_pages=64, page_size=4, slots=4, **sched) -> Engine:
-    sched = {"max_running_requests": slots, "max_prefill_tokens": 32, "prefill_block": 4,
-             "prefill_buckets": (8, 32), "decode_len_buckets": (64,), "max_model_len": 64,
-             "max_prefill_seqs": 4, **sched}
-    cfg = EngineConfig(cache=CacheConfig(page_size=page_size, num_pages=num_pages),
-                       scheduler=SchedulerConfig(**sched))
+    sched = {
+        "max_running_requests": slots,
+        "max_prefill_tokens": 32,
+        "prefill_block": 4,
+        "prefill_buckets": (8, 32),
+        "decode_len_buckets": (64,),
+        "max_model_len": 64,
+        "max_prefill_seqs": 4,
+        **sched,
+    }
+    cfg = EngineConfig(
+        cache=CacheConfig(page_size=page_size, num_pages=num_pages),
+        scheduler=SchedulerConfig(**sched),
+    )
     runner = FakeRunner(num_pages, page_size, slots)
     engine = Engine(cfg, FAKE_MODEL, FakeTokenizer(), runner)
     engine.stats.trace = []
@@ -125,8 +134,13 @@ def test_retraction_under_page_exhaustion_gives_identical_output(engines):
 
 
 def test_retraction_resets_new_token_ratio():
-    cfg = SchedulerConfig(max_running_requests=2, max_model_len=8, init_new_token_ratio=0.3,
-                          new_token_ratio_decay=0.05, min_new_token_ratio=0.1)
+    cfg = SchedulerConfig(
+        max_running_requests=2,
+        max_model_len=8,
+        init_new_token_ratio=0.3,
+        new_token_ratio_decay=0.05,
+        min_new_token_ratio=0.1,
+    )
     s = Scheduler(cfg, page_size=4, num_pages=3)
     from jaxserve.request import Request
 
@@ -174,8 +188,11 @@ def test_static_policy_waits_for_the_whole_batch(engines):
     c_step = next(i for i, (_, owners) in enumerate(e.stats.trace) if "c" in owners)
     assert all("b" not in owners for _, owners in e.stats.trace[c_step:])
     assert kinds.count("prefill") == 2
-    assert out == {"a": expected_tokens([1, 1], 2), "b": expected_tokens([2, 2], 8),
-                   "c": expected_tokens([3, 3], 2)}
+    assert out == {
+        "a": expected_tokens([1, 1], 2),
+        "b": expected_tokens([2, 2], 8),
+        "c": expected_tokens([3, 3], 2),
+    }
 
 
 def test_continuous_policy_refills_while_others_run(engines):
@@ -213,5 +230,7 @@ def test_stop_token_ids_and_eos(engines):
     e = engines()
     prompt = [5, 5]
     want = expected_tokens(prompt, 10)
-    e.add_request("s", prompt, SamplingParams(max_tokens=10, temperature=0, stop_token_ids=(want[2],)))
+    e.add_request(
+        "s", prompt, SamplingParams(max_tokens=10, temperature=0, stop_token_ids=(want[2],))
+    )
     assert run(e)["s"] == want[:3]

@@ -1,0 +1,143 @@
+"""Hugging Face Llama directories (config.json + *.safetensors) -> `ModelConfig` + `LlamaParams`.
+
+Shards are found by globbing; bf16/f16 tensors become float32 numpy arrays laid out [in, out].
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+
+from jaxserve.config import ModelConfig, RopeScaling
+from jaxserve.errors import UnsupportedModelError
+from jaxserve.models.llama import LayerParams, LlamaParams
+
+# HF tensor name per LayerParams field ("model.layers.N." prefix).
+LAYER_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "wq": "self_attn.q_proj",
+    "wk": "self_attn.k_proj",
+    "wv": "self_attn.v_proj",
+    "wo": "self_attn.o_proj",
+    "mlp_norm": "post_attention_layernorm",
+    "w_gate": "mlp.gate_proj",
+    "w_up": "mlp.up_proj",
+    "w_down": "mlp.down_proj",
+}
+NORMS = ("attn_norm", "mlp_norm")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UnsupportedModelError(f"{path} is not readable JSON: {e}") from e
+
+
+def _ids(value: Any) -> list[int]:
+    """HF writes token ids as an int, a list of ints, or null."""
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def hf_config(path: Path) -> ModelConfig:
+    """ModelConfig from config.json (v4 `rope_scaling` or v5 `rope_parameters` style)."""
+    c = _read_json(path / "config.json")
+    if c.get("model_type") != "llama":
+        raise UnsupportedModelError(
+            f"{path}: model_type {c.get('model_type')!r} is not supported (only 'llama')"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if c.get(flag):
+            raise UnsupportedModelError(f"{path}: {flag}=true is not supported")
+    if c.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"{path}: hidden_act {c['hidden_act']!r} is not supported")
+    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "llama3":
+        scaling: RopeScaling | None = RopeScaling(
+            factor=float(rope["factor"]),
+            low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+            original_max_position=int(rope["original_max_position_embeddings"]),
+        )
+    elif rope_type == "default":
+        scaling = None
+    else:
+        raise UnsupportedModelError(f"{path}: rope scaling type {rope_type!r} is not supported")
+    hidden, num_heads = int(c["hidden_size"]), int(c["num_attention_heads"])
+    eos = _ids(c.get("eos_token_id"))
+    if (path / "generation_config.json").is_file():  # instruct models stop on more ids here
+        eos += _ids(_read_json(path / "generation_config.json").get("eos_token_id"))
+    bos = _ids(c.get("bos_token_id"))
+    return ModelConfig(
+        vocab_size=int(c["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(c["intermediate_size"]),
+        num_layers=int(c["num_hidden_layers"]),
+        num_heads=num_heads,
+        num_kv_heads=int(c.get("num_key_value_heads") or num_heads),
+        head_dim=int(c.get("head_dim") or hidden // num_heads),
+        rope_theta=float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        max_position=int(c.get("max_position_embeddings", 2048)),
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        rope_scaling=scaling,
+        bos_token_id=bos[0] if bos else None,
+        eos_token_ids=tuple(dict.fromkeys(eos)),
+        add_bos=False,  # decided by the tokenizer's post-processor; load_model fills it in
+        name=path.name,
+    )
+
+
+def _tensor_names(cfg: ModelConfig) -> list[str]:
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    for i in range(cfg.num_layers):
+        names += [f"model.layers.{i}.{t}.weight" for t in LAYER_TENSORS.values()]
+    return names + ([] if cfg.tie_embeddings else ["lm_head.weight"])
+
+
+def load_hf_params(path: Path, cfg: ModelConfig) -> LlamaParams:
+    """Read every needed tensor from the (possibly sharded) safetensors files."""
+    with ExitStack() as stack:
+        where: dict[str, Any] = {}
+        for file in sorted(path.glob("*.safetensors")):
+            try:
+                handle = stack.enter_context(safe_open(str(file), framework="np"))
+            except Exception as e:  # safetensors raises its own SafetensorError
+                raise UnsupportedModelError(
+                    f"{file} is not a readable safetensors file: {e}"
+                ) from e
+            where.update(dict.fromkeys(handle.keys(), handle))
+        missing = [n for n in _tensor_names(cfg) if n not in where]
+        if missing:
+            raise UnsupportedModelError(f"{path}: missing tensors {missing[:4]} ({len(missing)})")
+
+        def get(name: str) -> np.ndarray:  # float32, HF's [out, in] for matrices
+            return np.asarray(where[name].get_tensor(name)).astype(np.float32, copy=False)
+
+        def matrix(name: str) -> np.ndarray:  # [in, out]
+            return np.ascontiguousarray(get(name).T)
+
+        layers = []
+        for i in range(cfg.num_layers):
+            pre = f"model.layers.{i}."
+            fields = {
+                field: get(pre + name + ".weight")
+                if field in NORMS
+                else matrix(pre + name + ".weight")
+                for field, name in LAYER_TENSORS.items()
+            }
+            layers.append(LayerParams(**fields))
+        return LlamaParams(
+            embed=get("model.embed_tokens.weight"),  # [V, Dm]
+            layers=tuple(layers),
+            final_norm=get("model.norm.weight"),
+            lm_head=None if cfg.tie_embeddings else matrix("lm_head.weight"),
+        )

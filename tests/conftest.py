@@ -1,0 +1,46 @@
+"""Shared fixtures: one warmed real engine per test session, and a leak check after each use."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache/jaxserve/jax"))
+
+TEST_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "test.toml"
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """The real default model, warmed once with configs/test.toml."""
+    from jaxserve.config import load_config
+    from jaxserve.engine import Engine
+    from jaxserve.jaxutil import enable_compilation_cache
+
+    enable_compilation_cache()
+    return Engine.from_config(load_config(TEST_CONFIG))
+
+
+@pytest.fixture(scope="session")
+def llm(engine):
+    from jaxserve.llm import LLM
+
+    return LLM(engine=engine)
+
+
+def assert_engine_idle(engine) -> None:
+    """No request, slot or KV page may outlive a test."""
+    s = engine.scheduler
+    assert not s.waiting, f"{len(s.waiting)} requests still waiting"
+    assert all(slot is None for slot in s.slots), "a slot is still taken"
+    assert s.allocator.num_used == 0, f"{s.allocator.num_used} KV pages leaked"
+    assert not engine.requests, f"requests still tracked: {list(engine.requests)[:5]}"
+
+
+@pytest.fixture
+def idle_engine(engine):
+    """The shared engine, checked for leaks after the test."""
+    yield engine
+    assert_engine_idle(engine)

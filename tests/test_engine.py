@@ -1,0 +1,114 @@
+"""The real default model end to end: HF parity, batch invariance, no recompiles, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxserve.errors import ContextLengthError, InvalidRequestError
+from jaxserve.request import FinishReason, SamplingParams
+
+FIXTURE = Path(__file__).parent / "fixtures" / "hf_greedy.json"
+GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def hf_cases():
+    cases = json.loads(FIXTURE.read_text())["cases"]
+    assert len(cases) >= 10
+    return cases
+
+
+def prompt_ids(llm, case) -> list[int]:
+    tok = llm.tokenizer
+    text = tok.apply_chat_template(case["messages"]) if case.get("messages") else case["prompt"]
+    ids = tok.encode(text)
+    assert ids == case["prompt_ids"], "tokenizer differs from Hugging Face"
+    return ids
+
+
+def test_greedy_matches_transformers_token_for_token(llm, idle_engine, hf_cases):
+    prompts = [prompt_ids(llm, c) for c in hf_cases]
+    outs = llm.generate_tokens(prompts, GREEDY)
+    for case, out in zip(hf_cases, outs, strict=True):
+        want = case["new_ids"]
+        assert out.token_ids == want, case["messages"] or case["prompt"]
+
+
+def test_batch_invariance_alone_in_8_and_in_32_mixed(llm, idle_engine, hf_cases):
+    prompts = [prompt_ids(llm, c) for c in hf_cases]
+    alone = [llm.generate_tokens([p], GREEDY)[0].token_ids for p in prompts]
+    in8 = [o.token_ids for o in llm.generate_tokens(prompts[:8], GREEDY)]
+    assert in8 == alone[:8]
+    rng = np.random.default_rng(0)
+    fillers = [rng.integers(200, 40000, int(n)).tolist() for n in rng.integers(3, 200, 32)]
+    mixed = prompts + fillers[: 32 - len(prompts)]
+    params = [GREEDY] * len(prompts) + [
+        SamplingParams(max_tokens=int(n), temperature=0.8, seed=int(n))
+        for n in rng.integers(1, 60, 32 - len(prompts))
+    ]
+    in32 = [o.token_ids for o in llm.generate_tokens(mixed, params)[: len(prompts)]]
+    assert in32 == alone
+
+
+def test_no_compilation_after_warmup_over_100_mixed_requests(llm, idle_engine):
+    before = llm.engine.runner.num_compiles
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(200, 40000, int(n)).tolist() for n in rng.integers(1, 300, 100)]
+    params = [
+        SamplingParams(
+            max_tokens=int(m),
+            temperature=float(i % 3) * 0.4,
+            top_p=0.9,
+            top_k=[0, 5, 40][i % 3],
+            seed=i,
+            logprobs=[None, 3][i % 2],
+        )
+        for i, m in enumerate(rng.integers(1, 24, 100))
+    ]
+    outs = llm.generate_tokens(prompts, params)
+    assert all(o.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) for o in outs)
+    assert llm.engine.runner.num_compiles == before
+
+
+def test_chat_answers_the_question(llm, idle_engine):
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(max_tokens=32, temperature=0.0),
+    )[0]
+    assert "Paris" in out.text
+    assert out.finish_reason is FinishReason.STOP  # ended on <|im_end|>
+
+
+def test_stop_string_is_not_emitted(llm, idle_engine):
+    full = llm.generate("The capital of France is", GREEDY)[0].text
+    stop = full.split()[2]
+    out = llm.generate(
+        "The capital of France is", SamplingParams(max_tokens=40, temperature=0.0, stop=(stop,))
+    )[0]
+    assert out.finish_reason is FinishReason.STOP
+    assert stop not in out.text and full.startswith(out.text)
+
+
+def test_bad_requests_fail_before_device_work_and_engine_keeps_serving(llm, idle_engine):
+    engine = llm.engine
+    with pytest.raises(ContextLengthError, match="512"):
+        engine.add_request("long", [5] * 600, GREEDY)
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        engine.add_request("zero", [5, 6], SamplingParams(max_tokens=0))
+    with pytest.raises(InvalidRequestError, match="empty"):
+        engine.add_request("empty", [], GREEDY)
+    with pytest.raises(InvalidRequestError, match="49152"):
+        engine.add_request("vocab", [49152], GREEDY)
+    assert not engine.has_work()
+    assert llm.generate("Hello", SamplingParams(max_tokens=3, temperature=0.0))[0].token_ids
+
+
+def test_length_finish_at_max_tokens(llm, idle_engine):
+    out = llm.generate(
+        "Count: 1, 2, 3,", SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    )[0]
+    assert len(out.token_ids) == 5 and out.finish_reason is FinishReason.LENGTH
