@@ -101,9 +101,8 @@ class BatchBuilder:
         """Rows are slots 0..n-1, n the smallest batch bucket holding every running slot."""
         n = smallest_bucket(max(r.slot for r in reqs) + 1, self.decode_batch_buckets)
         positions = np.full((n,), -1, np.int32)
-        longest = max(r.num_computed + 1 for r in reqs)
-        ctx = smallest_bucket(min(longest, self.cfg.max_model_len), self.cfg.decode_len_buckets)
-        page_table = np.zeros((n, -(-ctx // self.page_size)), np.int32)
+        # Full width: attention walks only as many pages as the longest row needs.
+        page_table = np.zeros((n, self.max_pages), np.int32)
         for r in reqs:
             positions[r.slot] = r.num_computed  # the input token's position
             page_table[r.slot, : len(r.pages)] = r.pages
@@ -130,10 +129,7 @@ class BatchBuilder:
                 )
             )
         decodes = [
-            DecodeBatch(
-                np.full((n,), -1, np.int32), np.zeros((n, -(-ctx // self.page_size)), np.int32)
-            )
+            DecodeBatch(np.full((n,), -1, np.int32), np.zeros((n, self.max_pages), np.int32))
             for n in self.decode_batch_buckets
-            for ctx in cfg.decode_len_buckets
         ]
         return prefills, decodes

@@ -64,7 +64,6 @@ class SchedulerConfig:
     max_prefill_seqs: int = 8  # sequences packed into one prefill step
     prefill_block: int = 16  # each sequence starts a new block of this many tokens
     prefill_buckets: tuple[int, ...] = (64, 512)
-    decode_len_buckets: tuple[int, ...] = (512, 2048)  # context buckets of the decode fn
     decode_batch_buckets: tuple[int, ...] = (4, 16)  # plus max_running_requests, always
     max_model_len: int = 2048
     chunked_prefill: bool = True

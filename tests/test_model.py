@@ -20,7 +20,6 @@ def tiny_llm(**sched) -> LLM:
         "max_prefill_tokens": 64,
         "prefill_block": 8,
         "prefill_buckets": (16, 64),
-        "decode_len_buckets": (32, 64),
         "max_model_len": 64,
         "max_prefill_seqs": 4,
         **sched,

@@ -91,3 +91,43 @@ def test_greedy_rows_ignore_temperature_and_logprobs_are_raw():
     want = np.asarray(logits[0]) - np.log(np.exp(np.asarray(logits[0])).sum())
     np.testing.assert_allclose(np.asarray(out.logprobs), [want[2]] * 2, rtol=1e-5)
     assert np.asarray(out.top_ids)[0, :3].tolist() == [2, 3, 1]
+
+
+def reference_filter(x: np.ndarray, top_k: int, top_p: float, min_p: float) -> set[int]:
+    """Textbook sort-based top-k -> top-p -> min-p (what the fast path must reproduce)."""
+    order = np.argsort(-x, kind="stable")
+    k = len(x) if top_k <= 0 else min(top_k, len(x))
+    order = order[:k]
+    p = np.exp(x[order] - x[order].max())
+    p /= p.sum()
+    before = np.cumsum(p) - p
+    keep = (before < top_p) | (np.arange(k) == 0)
+    keep &= p >= min_p * p[0]
+    return set(order[keep].tolist())
+
+
+def test_fast_filter_matches_sort_reference_incl_bisection_fallback():
+    rng = np.random.default_rng(0)
+    vocab, n = 500, 6
+    x = rng.standard_normal((n, vocab)).astype(np.float32) * np.array(
+        [[0.3], [3], [1], [8], [0.5], [2]]
+    )
+    cases = [
+        (0, 0.9, 0.0),
+        (40, 1.0, 0.0),
+        (300, 0.95, 0.0),
+        (0, 1.0, 0.05),
+        (0, 0.5, 0.0),
+        (7, 0.8, 0.1),
+    ]
+    r = rows(n).replace(
+        top_k=jnp.array([c[0] for c in cases], jnp.int32),
+        top_p=jnp.array([c[1] for c in cases], jnp.float32),
+        min_p=jnp.array([c[2] for c in cases], jnp.float32),
+    )
+    for candidates in (16, 256):  # 16 forces the bisection path for the wide nuclei
+        got = np.asarray(filter_logits(jnp.asarray(x), r, candidates=candidates))
+        for i, (k, p, m) in enumerate(cases):
+            assert set(np.nonzero(np.isfinite(got[i]))[0].tolist()) == reference_filter(
+                x[i], k, p, m
+            ), (candidates, cases[i])

@@ -17,7 +17,6 @@ def make_engine(num_pages=64, page_size=4, slots=4, **sched) -> Engine:
         "max_prefill_tokens": 32,
         "prefill_block": 4,
         "prefill_buckets": (8, 32),
-        "decode_len_buckets": (64,),
         "max_model_len": 64,
         "max_prefill_seqs": 4,
         **sched,
@@ -108,7 +107,7 @@ def test_finished_slot_is_refilled_on_the_next_step(engines):
 
 def test_admission_is_limited_by_free_pages(engines):
     # 7 free pages of 4 tokens: each 10-token prompt needs 3 pages, so only two fit at once.
-    e = engines(num_pages=16, page_size=4, max_model_len=32, decode_len_buckets=(32,))
+    e = engines(num_pages=16, page_size=4, max_model_len=32)
     for i in range(4):
         e.add_request(f"p{i}", [i + 1] * 10, greedy(4))
     held = e.scheduler.allocator.alloc(9)  # memory held elsewhere
