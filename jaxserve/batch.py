@@ -67,7 +67,7 @@ class BatchBuilder:
             block_seq[off // block : nxt // block] = i
             last_idx[i] = end - 1
             seq_slot[i] = req.slot
-            is_first[i] = c.start == 0
+            is_first[i] = c.is_first
             do_sample[i] = c.is_last
             self._write_sampling(sampling, i, req)
             off = nxt

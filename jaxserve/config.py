@@ -68,7 +68,8 @@ class SchedulerConfig:
     max_model_len: int = 2048
     chunked_prefill: bool = True
     policy: str = "continuous"  # or "static"
-    schedule_order: str = "lpm"  # longest-prefix-match first, or "fcfs"
+    enable_prefix_cache: bool = True
+    schedule_order: str = "lpm"  # longest cached prefix first (queues up to 128), or "fcfs"
     init_new_token_ratio: float = 0.7
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001

@@ -245,9 +245,11 @@ class Engine:
             self.stats.num_failed += 1
             outputs.append(self._output(req, [], "", error=f"{type(exc).__name__}: {exc}"))
         reset = getattr(self.runner, "reset_if_invalid", None)
-        if reset is not None and reset():
+        if reset is not None and reset():  # the KV cache is gone: nothing cached is valid
             for req in self.scheduler.running:
-                self.scheduler.retract(req)
+                self.scheduler.retract(req, cache=False)
+            if self.scheduler.prefix_cache is not None:
+                self.scheduler.prefix_cache.clear()
         return outputs
 
     def num_running(self) -> int:

@@ -44,6 +44,9 @@ class PageAllocator:
                 raise ValueError(f"page {p} is free; cannot retain it")
             self._refs[p] += 1
 
+    def ref_count(self, page: int) -> int:
+        return self._refs[page]
+
     def free(self, pages: list[int]) -> None:
         for p in pages:
             if self._refs[p] == 0:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from jaxserve.config import SchedulerConfig
 from jaxserve.pages import PageAllocator, pages_for
+from jaxserve.prefix_cache import PrefixCache
 from jaxserve.request import FinishReason, Request, RequestState
 
 
@@ -23,6 +24,7 @@ class PrefillChunk:
     request: Request
     start: int  # first token of the chunk (tokens before it are already in the cache)
     length: int
+    is_first: bool  # first chunk since admission: the slot's sampling state is reset
 
     @property
     def is_last(self) -> bool:
@@ -67,6 +69,9 @@ class Scheduler:
         self.page_size = page_size
         self.eos_token_ids = eos_token_ids
         self.allocator = PageAllocator(num_pages)
+        self.prefix_cache = (
+            PrefixCache(self.allocator, page_size) if cfg.enable_prefix_cache else None
+        )
         self.waiting: collections.deque[Request] = collections.deque()
         self.slots: list[Request | None] = [None] * cfg.max_running_requests
         self.new_token_ratio = cfg.init_new_token_ratio
@@ -89,14 +94,18 @@ class Scheduler:
         """Finish a request now: its slot and pages are free for this very step's refill."""
         if req.state is RequestState.WAITING:
             self.waiting.remove(req)
-        self._release(req)
+        self._release(req, cache=reason is not FinishReason.ERROR)
         req.state = RequestState.FINISHED
         req.finish_reason = reason
 
-    def _release(self, req: Request) -> None:
+    def _release(self, req: Request, cache: bool = True) -> None:
+        """Give back the slot and pages; full pages of computed tokens go to the prefix cache."""
+        if cache and self.prefix_cache is not None and req.pages:
+            self.prefix_cache.insert(req.all_token_ids[: req.num_computed], req.pages)
         self.allocator.free(req.pages)
         req.pages = []
         req.num_computed = 0
+        req.num_cached = 0
         if req.slot is not None:
             self.slots[req.slot] = None
             req.slot = None
@@ -131,38 +140,83 @@ class Scheduler:
                 and len(chunks) < cfg.max_prefill_seqs
             ):
                 n = min(req.num_tokens - req.num_computed, budget)
-                chunks.append(PrefillChunk(req, req.num_computed, n))
+                chunks.append(PrefillChunk(req, req.num_computed, n, is_first=False))
                 budget -= _round_up(n, cfg.prefill_block)
-        free_tokens = self.allocator.num_free * self.page_size - self._reserved_tokens()
+        if (
+            cfg.schedule_order == "lpm"
+            and self.prefix_cache is not None
+            and len(self.waiting) <= 128
+        ):
+            # Longest cached prefix first, as SGLang does for short queues (stable on ties).
+            cache, ps = self.prefix_cache, self.page_size
+            self.waiting = collections.deque(
+                sorted(self.waiting, key=lambda r: -cache.peek(r.all_token_ids, r.num_tokens // ps))
+            )
+        free_tokens = self._free_pages() * self.page_size - self._reserved_tokens()
         while self.waiting and budget > 0 and len(chunks) < cfg.max_prefill_seqs:
             if None not in self.slots:
                 break
             req = self.waiting[0]
             n = req.num_tokens
             left = req.params.max_tokens - len(req.output_token_ids)
-            need_pages = pages_for(n, self.page_size)
-            if need_pages > self.allocator.num_free:
-                break
+            cached = self._match_prefix(req)
+            need_pages = pages_for(n, self.page_size) - len(cached)
             # The reserve only applies while others run: a lone request always gets in.
-            estimate = n + math.ceil(left * self.new_token_ratio)
-            if (self.running or chunks) and estimate > free_tokens:
+            estimate = n - len(cached) * self.page_size + math.ceil(left * self.new_token_ratio)
+            blocked = need_pages > self._free_pages() or (
+                (self.running or chunks) and estimate > free_tokens
+            )
+            length = min(n - len(cached) * self.page_size, budget)
+            if (
+                not blocked
+                and length < n - len(cached) * self.page_size
+                and not cfg.chunked_prefill
+            ):
+                if not chunks:
+                    raise ValueError(
+                        f"prompt of {n} tokens exceeds max_prefill_tokens without chunking"
+                    )
+                blocked = True
+            if blocked:
+                self.allocator.free(cached)
                 break
-            length = min(n, budget)
-            if length < n and not cfg.chunked_prefill:
-                if chunks:
-                    break
-                raise ValueError(
-                    f"prompt of {n} tokens exceeds max_prefill_tokens without chunking"
-                )
             self.waiting.popleft()
             req.slot = self.slots.index(None)
             self.slots[req.slot] = req
-            req.pages = self.allocator.alloc(need_pages)
+            req.pages = cached + self._alloc(need_pages)
+            req.num_computed = req.num_cached = len(cached) * self.page_size
             req.state = RequestState.PREFILLING
-            chunks.append(PrefillChunk(req, 0, length))
+            chunks.append(PrefillChunk(req, req.num_computed, length, is_first=True))
             budget -= _round_up(length, cfg.prefill_block)
             free_tokens -= estimate
         return StepPlan(prefill=chunks)
+
+    def _match_prefix(self, req: Request) -> list[int]:
+        """Cached pages for req's prefix, retained for it (at least one token is left to run).
+
+        Requests with penalties skip the cache: their token history on device is rebuilt from
+        the tokens they prefill, so every token has to go through prefill.
+        """
+        p = req.params
+        if self.prefix_cache is None or (
+            p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+        ):
+            return []
+        pages = self.prefix_cache.match(req.all_token_ids, (req.num_tokens - 1) // self.page_size)
+        self.allocator.retain(pages)
+        self.prefix_cache.hits += len(pages) * self.page_size
+        return pages
+
+    def _free_pages(self) -> int:
+        """Free pages plus those the prefix cache could give back."""
+        extra = self.prefix_cache.num_evictable() if self.prefix_cache is not None else 0
+        return self.allocator.num_free + extra
+
+    def _alloc(self, n: int) -> list[int]:
+        short = n - self.allocator.num_free
+        if short > 0 and self.prefix_cache is not None:
+            self.prefix_cache.evict(short)
+        return self.allocator.alloc(n)
 
     def _schedule_decode(self) -> StepPlan:
         self._batch_open = False
@@ -172,14 +226,14 @@ class Scheduler:
         def missing(r: Request) -> int:  # pages r needs to write its next token
             return max(0, pages_for(r.num_computed + 1, self.page_size) - len(r.pages))
 
-        while sum(missing(r) for r in decoding) > self.allocator.num_free and len(decoding) > 1:
+        while sum(missing(r) for r in decoding) > self._free_pages() and len(decoding) > 1:
             # Retract what costs least to redo: the fewest cached tokens, newest on ties.
             victim = min(decoding, key=lambda r: (r.num_computed, -r.arrival_time))
             decoding.remove(victim)
             self.retract(victim)
             retracted.append(victim)
         for r in decoding:
-            r.pages += self.allocator.alloc(missing(r))
+            r.pages += self._alloc(missing(r))
         if retracted:
             self.new_token_ratio = self.cfg.init_new_token_ratio
         else:
@@ -188,9 +242,9 @@ class Scheduler:
             )
         return StepPlan(decode=decoding, retracted=retracted)
 
-    def retract(self, req: Request) -> None:
+    def retract(self, req: Request, cache: bool = True) -> None:
         """Back to the front of the queue; its output is kept and recomputed on re-admission."""
-        self._release(req)
+        self._release(req, cache=cache)
         req.state = RequestState.WAITING
         req.num_retractions += 1
         self.num_retractions += 1

@@ -35,7 +35,10 @@ def assert_engine_idle(engine) -> None:
     s = engine.scheduler
     assert not s.waiting, f"{len(s.waiting)} requests still waiting"
     assert all(slot is None for slot in s.slots), "a slot is still taken"
-    assert s.allocator.num_used == 0, f"{s.allocator.num_used} KV pages leaked"
+    cached = s.prefix_cache.num_pages if s.prefix_cache is not None else 0
+    assert s.allocator.num_used == cached, f"{s.allocator.num_used - cached} KV pages leaked"
+    if s.prefix_cache is not None:  # cached pages are held by the cache alone
+        assert s.prefix_cache.num_evictable() == cached
     assert not engine.requests, f"requests still tracked: {list(engine.requests)[:5]}"
 
 

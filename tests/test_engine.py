@@ -50,8 +50,11 @@ def test_batch_invariance_alone_in_8_and_in_32_mixed(llm, idle_engine, hf_cases)
         SamplingParams(max_tokens=int(n), temperature=0.8, seed=int(n))
         for n in rng.integers(1, 60, 32 - len(prompts))
     ]
+    hits = llm.engine.scheduler.prefix_cache.hits
     in32 = [o.token_ids for o in llm.generate_tokens(mixed, params)[: len(prompts)]]
     assert in32 == alone
+    # The repeats reused cached prompt pages (the extend-over-prefix path) and still agree.
+    assert llm.engine.scheduler.prefix_cache.hits > hits
 
 
 def test_no_compilation_after_warmup_over_100_mixed_requests(llm, idle_engine):

@@ -42,6 +42,9 @@ def engines():
 
     yield factory
     for e in made:
+        cache = e.scheduler.prefix_cache
+        assert cache.num_evictable() == cache.num_pages  # only the cache holds pages now
+        cache.clear()
         assert e.scheduler.allocator.num_free == e.scheduler.allocator.num_pages
         assert all(s is None for s in e.scheduler.slots)
         assert not e.scheduler.waiting
@@ -156,6 +159,8 @@ def test_retraction_resets_new_token_ratio():
     s.update(plan, [2])
     s.finish(a, FinishReason.ABORT)
     s.finish(b, FinishReason.ABORT)
+    assert s.allocator.num_free + s.prefix_cache.num_pages == 3
+    s.prefix_cache.clear()
     assert s.allocator.num_free == 3
 
 
@@ -233,3 +238,58 @@ def test_stop_token_ids_and_eos(engines):
         "s", prompt, SamplingParams(max_tokens=10, temperature=0, stop_token_ids=(want[2],))
     )
     assert run(e)["s"] == want[:3]
+
+
+def test_scheduler_module_does_not_import_jax():
+    import subprocess
+    import sys
+
+    code = "import sys, jaxserve.scheduler; assert 'jax' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_prefix_cache_skips_computed_pages_and_keeps_output(engines):
+    e = engines()
+    prompt = list(range(1, 23))  # 22 tokens: 5 full pages of 4 can be reused
+    e.add_request("first", prompt, greedy(6))
+    first = run(e)["first"]
+    computed = e.stats.prompt_tokens
+    e.add_request("again", prompt, greedy(6))
+    e.add_request("longer", prompt + [9, 9, 9], greedy(6))
+    out = run(e)
+    assert out["again"] == first == expected_tokens(prompt, 6)
+    assert out["longer"] == expected_tokens(prompt + [9, 9, 9], 6)
+    # "again" recomputes 2 tokens (22 - 5*4), "longer" 5 (25 - 5*4).
+    assert e.stats.prompt_tokens - computed == 2 + 5
+    assert e.scheduler.prefix_cache.hits >= 40
+
+
+def test_prefix_cache_is_evicted_when_pages_run_out(engines):
+    e = engines(num_pages=20, page_size=4, max_model_len=32)
+    for i in range(8):  # each leaves ~4 full pages in the cache; 8 of them do not fit
+        e.add_request(f"r{i}", [i + 1] * 15, greedy(3))
+        assert run(e)[f"r{i}"] == expected_tokens([i + 1] * 15, 3)
+    assert e.scheduler.prefix_cache.num_pages <= 20
+
+
+def test_lpm_admits_the_longest_cached_prefix_first(engines):
+    e = engines(slots=1)
+    shared = list(range(1, 17))
+    e.add_request("warm", shared + [1], greedy(1))
+    run(e)
+    e.add_request("cold", [50] * 17, greedy(1))
+    e.add_request("hot", shared + [2], greedy(1))
+    e.step()
+    assert e.stats.trace[-1] == ("prefill", ("hot",))
+    run(e)
+
+
+def test_requests_with_penalties_do_not_use_the_prefix_cache(engines):
+    e = engines()
+    prompt = list(range(1, 23))
+    e.add_request("a", prompt, greedy(2))
+    run(e)
+    before = e.stats.prompt_tokens
+    e.add_request("pen", prompt, SamplingParams(max_tokens=2, temperature=0, presence_penalty=1.0))
+    run(e)
+    assert e.stats.prompt_tokens - before == len(prompt)

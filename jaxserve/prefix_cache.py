@@ -1,0 +1,89 @@
+"""Prefix cache: full KV pages keyed by the tokens they hold and every token before them.
+
+A chain of page keys works like a radix tree cut at page boundaries (vLLM's block hashes):
+`match` walks it from the first page, `insert` adds a finished request's full pages, and
+`evict` frees least-recently-used pages that no running request holds.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from jaxserve.pages import PageAllocator
+
+# (key of the previous page, the page's tokens): exact on the tokens, hashed on the chain.
+PageKey = tuple[int, tuple[int, ...]]
+
+
+class PrefixCache:
+    def __init__(self, allocator: PageAllocator, page_size: int):
+        self.allocator = allocator
+        self.page_size = page_size
+        self._pages: collections.OrderedDict[PageKey, int] = collections.OrderedDict()  # LRU
+        self.hits = 0  # tokens served from the cache
+        self.queries = 0  # tokens looked up
+
+    @property
+    def num_pages(self) -> int:
+        return len(self._pages)
+
+    def _keys(self, tokens: list[int], num_pages: int):
+        parent = 0
+        ps = self.page_size
+        for i in range(num_pages):
+            key = (parent, tuple(tokens[i * ps : (i + 1) * ps]))
+            yield key
+            parent = hash(key)
+
+    def match(self, tokens: list[int], max_pages: int) -> list[int]:
+        """Pages holding the longest cached prefix of `tokens` (at most `max_pages`)."""
+        pages = []
+        for key in self._keys(tokens, min(max_pages, len(tokens) // self.page_size)):
+            page = self._pages.get(key)
+            if page is None:
+                break
+            self._pages.move_to_end(key)
+            pages.append(page)
+        self.queries += len(tokens)
+        return pages
+
+    def peek(self, tokens: list[int], max_pages: int) -> int:
+        """Length in pages of the cached prefix, without touching LRU order or stats."""
+        n = 0
+        for key in self._keys(tokens, min(max_pages, len(tokens) // self.page_size)):
+            if key not in self._pages:
+                break
+            n += 1
+        return n
+
+    def insert(self, tokens: list[int], pages: list[int]) -> None:
+        """Cache the full pages among `pages`, whose K/V hold `tokens` (same order)."""
+        for key, page in zip(self._keys(tokens, len(tokens) // self.page_size), pages,
+                             strict=False):
+            if key in self._pages:
+                self._pages.move_to_end(key)
+                continue
+            self.allocator.retain([page])
+            self._pages[key] = page
+
+    def num_evictable(self) -> int:
+        return sum(self.allocator.ref_count(p) == 1 for p in self._pages.values())
+
+    def evict(self, num_pages: int) -> int:
+        """Free up to `num_pages` least-recently-used pages that only the cache holds."""
+        freed = 0
+        for key in list(self._pages):
+            if freed >= num_pages:
+                break
+            page = self._pages[key]
+            if self.allocator.ref_count(page) == 1:
+                del self._pages[key]
+                self.allocator.free([page])
+                freed += 1
+        return freed
+
+    def clear(self) -> None:
+        """Drop every cached page (pages still used by requests stay theirs)."""
+        for page in self._pages.values():
+            self.allocator.free([page])
+        self._pages.clear()
