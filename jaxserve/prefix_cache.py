@@ -58,8 +58,9 @@ class PrefixCache:
 
     def insert(self, tokens: list[int], pages: list[int]) -> None:
         """Cache the full pages among `pages`, whose K/V hold `tokens` (same order)."""
-        for key, page in zip(self._keys(tokens, len(tokens) // self.page_size), pages,
-                             strict=False):
+        for key, page in zip(
+            self._keys(tokens, len(tokens) // self.page_size), pages, strict=False
+        ):
             if key in self._pages:
                 self._pages.move_to_end(key)
                 continue
