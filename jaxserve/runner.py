@@ -66,6 +66,18 @@ class Runner:
         self.kv, self.slots, out = self._decode_fn(self.params, self.kv, self.slots, batch)
         return self._to_host(out, t0)
 
+    def reset_if_invalid(self) -> bool:
+        """After a failed step: rebuild donated buffers that were consumed; True if it did."""
+        leaves = jax.tree.leaves((self.kv, self.slots))
+        if not any(a.is_deleted() for a in leaves):
+            return False
+        cfg = self.cfg
+        self.kv = llama.init_kv_cache(
+            self.model_cfg, cfg.cache.num_pages, self.page_size, self.kv.k[0].dtype
+        )
+        self.slots = init_slot_state(cfg.scheduler.max_running_requests, self.model_cfg.vocab_size)
+        return True
+
     @staticmethod
     def _to_host(out: SampleOutput, t0: float) -> StepResult:
         host = jax.device_get(out)

@@ -293,3 +293,23 @@ def test_requests_with_penalties_do_not_use_the_prefix_cache(engines):
     e.add_request("pen", prompt, SamplingParams(max_tokens=2, temperature=0, presence_penalty=1.0))
     run(e)
     assert e.stats.prompt_tokens - before == len(prompt)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engines):
+    e = engines()
+    e.add_request("a", [1, 2], greedy(5))
+    e.step()  # prefill a
+    real_decode = e.runner.decode
+
+    def broken(batch):
+        e.runner.decode = real_decode  # fails once
+        raise RuntimeError("device fell over")
+
+    e.runner.decode = broken
+    outs = e.step()
+    assert [(o.request_id, o.finish_reason, o.finished) for o in outs] == [
+        ("a", FinishReason.ERROR, True)
+    ]
+    assert "device fell over" in outs[0].error
+    e.add_request("b", [3, 4], greedy(3))
+    assert run(e)["b"] == expected_tokens([3, 4], 3)
