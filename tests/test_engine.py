@@ -115,3 +115,25 @@ def test_length_finish_at_max_tokens(llm, idle_engine):
         "Count: 1, 2, 3,", SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
     )[0]
     assert len(out.token_ids) == 5 and out.finish_reason is FinishReason.LENGTH
+
+
+def test_pallas_interpret_impl_gives_the_same_greedy_output(engine, hf_cases):
+    """kernels/gpu in interpret mode inside the real model: same tokens as the jnp path."""
+    import dataclasses
+
+    from jaxserve.config import replace
+    from jaxserve.engine import Engine
+    from jaxserve.llm import LLM
+    from jaxserve.runner import Runner
+    from jaxserve.weights import load_model
+
+    cfg = replace(engine.cfg, attention_impl="interpret", cache={"num_pages": 64},
+                  scheduler={"max_running_requests": 2, "prefill_buckets": (64,),
+                             "max_prefill_tokens": 64, "decode_batch_buckets": ()})
+    loaded = load_model(cfg.model)
+    eng = Engine(cfg, loaded.config, loaded.tokenizer, Runner(loaded.config, loaded.params, cfg))
+    cases = [c for c in hf_cases if len(c["prompt_ids"]) <= 60][:2]
+    outs = LLM(engine=eng).generate_tokens(
+        [c["prompt_ids"] for c in cases], dataclasses.replace(GREEDY, max_tokens=6)
+    )
+    assert [o.token_ids for o in outs] == [c["new_ids"][:6] for c in cases]

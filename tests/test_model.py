@@ -103,3 +103,21 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tiny):
     )[0].token_ids
     assert a == b
     assert a != c
+
+
+def test_pallas_kernels_in_interpret_mode_give_the_same_greedy_output(tiny):
+    """The model's attention through kernels/gpu (interpreted) vs the jnp reference."""
+    import dataclasses
+
+    from jaxserve.engine import Engine
+
+    ref = tiny.engine
+    cfg = dataclasses.replace(ref.cfg, attention_impl="interpret")
+    engine = Engine(cfg, TINY, FakeTokenizer(), Runner(TINY, tiny_params(), cfg))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    later = [PROMPTS[1] + [1, 2, 3, 4, 5, 6, 7, 8, 9]]  # extends a cached prefix
+    want = [o.token_ids for p in (PROMPTS, later) for o in tiny.generate_tokens(p, params)]
+    llm = LLM(engine=engine)
+    got = [o.token_ids for p in (PROMPTS, later) for o in llm.generate_tokens(p, params)]
+    assert engine.scheduler.prefix_cache.hits > 0
+    assert got == want
