@@ -127,9 +127,17 @@ def test_pallas_interpret_impl_gives_the_same_greedy_output(engine, hf_cases):
     from jaxserve.runner import Runner
     from jaxserve.weights import load_model
 
-    cfg = replace(engine.cfg, attention_impl="interpret", cache={"num_pages": 64},
-                  scheduler={"max_running_requests": 2, "prefill_buckets": (64,),
-                             "max_prefill_tokens": 64, "decode_batch_buckets": ()})
+    cfg = replace(
+        engine.cfg,
+        attention_impl="interpret",
+        cache={"num_pages": 64},
+        scheduler={
+            "max_running_requests": 2,
+            "prefill_buckets": (64,),
+            "max_prefill_tokens": 64,
+            "decode_batch_buckets": (),
+        },
+    )
     loaded = load_model(cfg.model)
     eng = Engine(cfg, loaded.config, loaded.tokenizer, Runner(loaded.config, loaded.params, cfg))
     cases = [c for c in hf_cases if len(c["prompt_ids"]) <= 60][:2]
