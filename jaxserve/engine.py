@@ -6,7 +6,9 @@ are called between steps. Bad input raises before any device work.
 
 from __future__ import annotations
 
+import collections
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -55,7 +57,9 @@ class EngineStats:
     busy_slot_steps: int = 0  # sum over decode steps of slots doing useful work
     total_slot_steps: int = 0
     trace: list[tuple[str, tuple[str | None, ...]]] | None = None  # (kind, slot owners)
-    step_times: list[float] = field(default_factory=list)
+    step_times: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=10_000)  # the latest steps only
+    )
 
 
 class Engine:
@@ -88,13 +92,18 @@ class Engine:
             engine.warmup()
         return engine
 
-    def warmup(self) -> None:
-        """Compile every prefill bucket and decode context bucket on all-padding batches."""
+    def warmup(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Compile every prefill and decode bucket on all-padding batches.
+
+        `progress(done, total)` is called after each compiled function.
+        """
         prefills, decodes = self.builder.warmup_batches()
-        for b in prefills:
-            self.runner.prefill(b)
-        for d in decodes:
-            self.runner.decode(d)
+        calls = [(self.runner.prefill, b) for b in prefills]
+        calls += [(self.runner.decode, b) for b in decodes]
+        for done, (run, batch) in enumerate(calls, 1):
+            run(batch)
+            if progress is not None:
+                progress(done, len(calls))
 
     # ---- requests ----------------------------------------------------------------------
     def add_request(

@@ -38,9 +38,18 @@ def timeit(fn, *args, reps: int = 10) -> float:
 
 def rows_for(b: int, vocab: int, greedy: bool) -> SamplingRows:
     f = lambda v: jnp.full((b,), v, jnp.float32)  # noqa: E731
-    return SamplingRows(f(0.0 if greedy else 0.8), jnp.zeros((b,), jnp.int32), f(0.9), f(0.0),
-                        f(1.0), f(0.0), f(0.0), jnp.arange(b, dtype=jnp.uint32),
-                        jnp.zeros((b, vocab), bool), jnp.zeros((b, vocab), jnp.int32))
+    return SamplingRows(
+        f(0.0 if greedy else 0.8),
+        jnp.zeros((b,), jnp.int32),
+        f(0.9),
+        f(0.0),
+        f(1.0),
+        f(0.0),
+        f(0.0),
+        jnp.arange(b, dtype=jnp.uint32),
+        jnp.zeros((b, vocab), bool),
+        jnp.zeros((b, vocab), jnp.int32),
+    )
 
 
 def profile(model, b: int, ctx: int, page_size: int, dtype) -> dict:
@@ -69,8 +78,11 @@ def profile(model, b: int, ctx: int, page_size: int, dtype) -> dict:
         logits, state["kv"] = step_fn(p, state["kv"])
         return logits
 
-    weights = jax.jit(lambda p, kv: llama.forward(
-        p, cfg, kv, tokens, positions, slot_mapping, lambda q, kp, vp: q)[0])
+    weights = jax.jit(
+        lambda p, kv: llama.forward(
+            p, cfg, kv, tokens, positions, slot_mapping, lambda q, kp, vp: q
+        )[0]
+    )
     q = jnp.ones((b, cfg.num_heads, cfg.head_dim), dtype)
     attn = jax.jit(lambda kv: sum(attend(q, k, v) for k, v in zip(kv.k, kv.v, strict=True)))
     hidden = jnp.ones((b, cfg.hidden_size), dtype)
@@ -78,7 +90,8 @@ def profile(model, b: int, ctx: int, page_size: int, dtype) -> dict:
     logits = head(params)
     samp = jax.jit(lambda lg, r: sample(lg, r, positions).tokens)
     return {
-        "batch": b, "context": ctx,
+        "batch": b,
+        "context": ctx,
         "step_ms": 1e3 * timeit(step, params, None),
         "weights_ms": 1e3 * timeit(weights, params, state["kv"]),
         "attention_ms": 1e3 * timeit(attn, state["kv"]),
@@ -103,8 +116,12 @@ def main() -> None:
         for b in args.batch:
             r = profile(model, b, ctx, cfg.cache.page_size, resolve_dtype(cfg.dtype))
             results.append(r)
-            print("  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in r.items()), flush=True)
+            print(
+                "  ".join(
+                    f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                ),
+                flush=True,
+            )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))

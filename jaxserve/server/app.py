@@ -1,0 +1,96 @@
+"""The FastAPI app: OpenAI routes under `/v1` (behind the optional API key), health, metrics.
+
+Routes only parse, validate and format; all engine work goes through the `Bridge`.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from jaxserve.config import ServerConfig
+from jaxserve.server.bridge import Bridge
+from jaxserve.server.chat import create_chat_completion
+from jaxserve.server.completions import create_completion
+from jaxserve.server.errors import APIError, install_error_handlers
+from jaxserve.server.params import Limits
+from jaxserve.server.protocol import ModelCard, ModelList
+
+
+def _auth(api_key: str | None):
+    expected = api_key.encode() if api_key else None
+
+    async def check(request: Request) -> None:
+        if expected is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # compare_digest runs in time independent of where the strings differ.
+        if not (
+            scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected)
+        ):
+            raise APIError(
+                401,
+                "missing or invalid API key; send 'Authorization: Bearer <key>'",
+                param=None,
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    return check
+
+
+def create_app(bridge: Bridge, server_cfg: ServerConfig, model_name: str) -> FastAPI:
+    """The app over a bridge that may still be warming up (`/health` says 503 until ready)."""
+    app = FastAPI(title="jaxserve", version="0.1.0")
+    install_error_handlers(app)
+    names = tuple(dict.fromkeys(n for n in (server_cfg.served_model_name, model_name) if n))
+
+    def limits() -> Limits:
+        if not bridge.ready or bridge.engine is None:
+            why = "shutting down" if bridge.draining else "warming up; retry shortly"
+            raise APIError(
+                503,
+                f"server is {why}",
+                "server_error",
+                code="not_ready",
+                headers={"Retry-After": "5"},
+            )
+        return Limits(
+            model_names=names,
+            max_model_len=bridge.engine.cfg.scheduler.max_model_len,
+            max_stop_strings=server_cfg.max_stop_strings,
+        )
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth(server_cfg.api_key))])
+
+    @v1.get("/models")
+    async def list_models() -> ModelList:
+        max_len = bridge.engine.cfg.scheduler.max_model_len if bridge.engine else None
+        return ModelList(data=[ModelCard(id=name, max_model_len=max_len) for name in names])
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        return await create_completion(request, bridge, limits())
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await create_chat_completion(request, bridge, limits())
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if bridge.ready:
+            return JSONResponse({"status": "ok"})
+        status = "shutting_down" if bridge.draining else "loading"
+        return JSONResponse({"status": status}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(bridge.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    app.state.bridge = bridge
+    return app

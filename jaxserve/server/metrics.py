@@ -1,0 +1,99 @@
+"""Prometheus metrics: latency histograms observed by the bridge, engine state read from snapshots.
+
+Each app owns its own registry, so several servers (tests) can live in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+PREFIX = "jaxserve"
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """Engine state copied on the engine thread after each step; scrapes read only this."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_pages_used: int = 0  # held by running requests or by the prefix cache
+    kv_pages_cached: int = 0  # of those, held only by the prefix cache (evictable)
+    kv_pages_total: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    num_compiles: int = 0
+    num_retractions: int = 0
+    num_aborted: int = 0
+    num_failed: int = 0
+    num_steps: int = 0
+
+
+_GAUGES = {
+    "num_running": ("num_requests_running", "Requests holding a decode slot."),
+    "num_waiting": ("num_requests_waiting", "Requests in the waiting queue."),
+    "kv_pages_used": ("kv_pages_used", "KV cache pages in use (requests + prefix cache)."),
+    "kv_pages_cached": ("kv_pages_cached", "KV cache pages held by the prefix cache."),
+    "kv_pages_total": ("kv_pages_total", "KV cache pages in all."),
+}
+_COUNTERS = {
+    "prompt_tokens": ("prompt_tokens", "Prompt tokens prefilled."),
+    "generation_tokens": ("generation_tokens", "Tokens generated."),
+    "num_compiles": ("compiles", "XLA compilations (constant after warm-up)."),
+    "num_retractions": ("retractions", "Running requests retracted for lack of KV pages."),
+    "num_aborted": ("aborted_requests", "Requests aborted (client gone or shutdown)."),
+    "num_failed": ("failed_requests", "Requests failed by an error inside a step."),
+    "num_steps": ("engine_steps", "Engine steps run."),
+}
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, read: Callable[[], EngineSnapshot]):
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._read()
+        for field, (name, doc) in _GAUGES.items():
+            yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=getattr(snap, field))
+        for field, (name, doc) in _COUNTERS.items():
+            yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=getattr(snap, field))
+
+
+class ServingMetrics:
+    """Per-request latencies (observed on the engine thread) plus the snapshot collector."""
+
+    def __init__(self, read_snapshot: Callable[[], EngineSnapshot]):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "Arrival to first token.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            f"{PREFIX}_inter_token_latency_seconds",
+            "Time between two tokens of a request.",
+            buckets=TOKEN_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            f"{PREFIX}_e2e_request_latency_seconds",
+            "Arrival to last token.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            f"{PREFIX}_rejected_requests",
+            "Requests refused with 429 (waiting queue full).",
+            registry=self.registry,
+        )
+        self.registry.register(_SnapshotCollector(read_snapshot))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

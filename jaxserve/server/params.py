@@ -1,0 +1,188 @@
+"""OpenAI request fields -> prompt token ids and engine `SamplingParams`, with the checks
+that need the serving limits (model name, n, stop count, context length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel
+
+from jaxserve.errors import ContextLengthError, InvalidRequestError
+from jaxserve.request import SamplingParams
+from jaxserve.server.errors import APIError
+from jaxserve.server.protocol import ChatMessage, SamplingFields
+
+if TYPE_CHECKING:
+    from jaxserve.weights import Tokenizer
+
+M = TypeVar("M", bound=BaseModel)
+MAX_CHOICES = 128  # prompts x n in one HTTP request
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass(frozen=True)
+class Limits:
+    model_names: tuple[str, ...]
+    max_model_len: int
+    max_stop_strings: int
+
+
+def check_request(req: SamplingFields, limits: Limits, num_prompts: int = 1) -> None:
+    if req.model is not None and req.model not in limits.model_names:
+        raise APIError(
+            404,
+            f"the model {req.model!r} does not exist; this server serves "
+            f"{', '.join(map(repr, limits.model_names))}",
+            param="model",
+            code="model_not_found",
+        )
+    if not 1 <= req.n <= MAX_CHOICES:
+        raise InvalidRequestError(f"n={req.n} must be in [1, {MAX_CHOICES}]", param="n")
+    if req.n * num_prompts > MAX_CHOICES:
+        raise InvalidRequestError(
+            f"{num_prompts} prompts x n={req.n} exceeds {MAX_CHOICES} choices", param="n"
+        )
+    stops = stop_strings(req)
+    if len(stops) > limits.max_stop_strings:
+        raise InvalidRequestError(
+            f"{len(stops)} stop strings; at most {limits.max_stop_strings}", param="stop"
+        )
+    if req.stream_options is not None and not req.stream:
+        raise InvalidRequestError("stream_options needs stream=true", param="stream_options")
+
+
+def stop_strings(req: SamplingFields) -> tuple[str, ...]:
+    if req.stop is None:
+        return ()
+    return (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+
+
+def sampling_params(
+    req: SamplingFields,
+    prompt_len: int,
+    max_tokens: int | None,
+    default_max_tokens: int | None,
+    logprobs: int | None,
+    limits: Limits,
+) -> SamplingParams:
+    """One prompt's params; `default_max_tokens=None` means up to the context length."""
+    room = limits.max_model_len - prompt_len  # tokens left for the completion
+    if max_tokens is None:
+        max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
+        max_tokens = max(max_tokens, 1)  # a too-long prompt is reported by the engine
+    defaults = SamplingParams()
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_pick(req.temperature, defaults.temperature),
+        top_p=_pick(req.top_p, defaults.top_p),
+        top_k=_pick(req.top_k, defaults.top_k),
+        min_p=_pick(req.min_p, defaults.min_p),
+        repetition_penalty=_pick(req.repetition_penalty, defaults.repetition_penalty),
+        presence_penalty=_pick(req.presence_penalty, defaults.presence_penalty),
+        frequency_penalty=_pick(req.frequency_penalty, defaults.frequency_penalty),
+        seed=req.seed,
+        stop=stop_strings(req),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+    )
+    params.validate()
+    if 0 < room < max_tokens:
+        raise ContextLengthError(
+            f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context "
+            f"length of {limits.max_model_len} tokens; shorten the prompt or lower max_tokens",
+            param="max_tokens",
+        )
+    return params
+
+
+def per_choice(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """n choices of one prompt; with a seed, choice i uses seed + i (different, reproducible)."""
+    if params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
+
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+# ---- prompts -----------------------------------------------------------------------------
+def encode(tokenizer: Tokenizer, text: str, param: str) -> list[int]:
+    try:
+        text.encode("utf-8")  # lone surrogates from JSON escapes such as "\ud800" fail here
+    except UnicodeError as exc:
+        raise InvalidRequestError(f"{param} is not valid Unicode: {exc}", param=param) from exc
+    return tokenizer.encode(text)
+
+
+def completion_prompts(prompt: str | list, tokenizer: Tokenizer) -> list[list[int]]:
+    """A string, strings, token ids or lists of token ids -> one token list per prompt."""
+    if isinstance(prompt, str):
+        prompts = [encode(tokenizer, prompt, "prompt")]
+    elif not prompt:
+        raise InvalidRequestError("prompt is empty", param="prompt")
+    elif isinstance(prompt[0], str):
+        prompts = [encode(tokenizer, p, "prompt") for p in prompt]
+    elif isinstance(prompt[0], int):
+        prompts = [list(prompt)]
+    else:
+        prompts = [list(p) for p in prompt]
+    for i, ids in enumerate(prompts):
+        if not ids:
+            which = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            raise InvalidRequestError(f"{which} is empty (no tokens)", param="prompt")
+    return prompts
+
+
+def chat_prompt(messages: list[ChatMessage], tokenizer: Tokenizer) -> list[int]:
+    """Render the model's chat template (with the assistant turn opened) and tokenize it."""
+    if not messages:
+        raise InvalidRequestError("messages must not be empty", param="messages")
+    rendered = []
+    for m in messages:
+        content = m.content
+        if isinstance(content, list):
+            content = "\n".join(part.text for part in content)
+        rendered.append({**(m.model_extra or {}), "role": m.role, "content": content or ""})
+    text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
+    return encode(tokenizer, text, "messages")
+
+
+def num_prompts(prompt: str | list) -> int:
+    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+        return 1
+    return len(prompt)
+
+
+# ---- the body ----------------------------------------------------------------------------
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """Strict UTF-8, strict JSON (no NaN), an object, then the pydantic model (422 on types)."""
+    raw = await request.body()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise APIError(
+            400, f"request body is not valid UTF-8 (at byte {exc.start})", code="invalid_encoding"
+        ) from exc
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:  # JSONDecodeError is a ValueError
+        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise APIError(
+            400,
+            f"request body must be a JSON object, not {type(data).__name__}",
+            code="invalid_json",
+        )
+    return model.model_validate(data)
