@@ -6,10 +6,9 @@ Defaults live here and nowhere else; environment variables are read only in `cli
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomllib
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 

@@ -71,7 +71,7 @@ class RequestState(enum.Enum):
     FINISHED = "finished"
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS, stop token or stop string
     LENGTH = "length"  # max_tokens or context length
     ABORT = "abort"  # client went away or shutdown
