@@ -36,6 +36,7 @@ class StepRunner(Protocol):
 
     def prefill(self, batch: PrefillBatch) -> StepResult: ...
     def decode(self, batch: DecodeBatch) -> StepResult: ...
+    def permute_slots(self, perm: np.ndarray) -> None: ...
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Engine:
         prefills, decodes = self.builder.warmup_batches()
         calls = [(self.runner.prefill, b) for b in prefills]
         calls += [(self.runner.decode, b) for b in decodes]
+        calls.append((self.runner.permute_slots, np.arange(len(self.scheduler.slots))))
         for done, (run, batch) in enumerate(calls, 1):
             run(batch)
             if progress is not None:
@@ -188,6 +190,11 @@ class Engine:
             s.num_prefill_steps += 1
             s.prompt_tokens += sum(c.length for c in plan.prefill)
             return self.runner.prefill(self.builder.prefill(plan.prefill))
+        if plan.slot_moves:
+            perm = np.arange(len(self.scheduler.slots))
+            for src, dst in plan.slot_moves:  # new slot dst takes the state of slot src
+                perm[dst], perm[src] = src, dst
+            self.runner.permute_slots(perm)
         s.num_decode_steps += 1
         s.busy_slot_steps += len(plan.decode)
         s.total_slot_steps += len(self.scheduler.slots)

@@ -54,6 +54,7 @@ class Runner:
         self.slots = init_slot_state(cfg.scheduler.max_running_requests, model_cfg.vocab_size)
         self._prefill_fn = jax.jit(self._prefill_step, donate_argnames=("kv", "slots"))
         self._decode_fn = jax.jit(self._decode_step, donate_argnames=("kv", "slots"))
+        self._permute_fn = jax.jit(self._permute_step, donate_argnames=("slots",))
 
     # ---- host API ------------------------------------------------------------------------
     def prefill(self, batch: PrefillBatch) -> StepResult:
@@ -65,6 +66,14 @@ class Runner:
         t0 = time.perf_counter()
         self.kv, self.slots, out = self._decode_fn(self.params, self.kv, self.slots, batch)
         return self._to_host(out, t0)
+
+    def permute_slots(self, perm: np.ndarray) -> None:
+        """Slot i takes the device state of slot perm[i] (perm: [B] int32 permutation)."""
+        self.slots = self._permute_fn(self.slots, np.asarray(perm, np.int32))
+
+    def _permute_step(self, slots: SlotState, perm: jax.Array) -> SlotState:
+        self._count_trace()
+        return jax.tree.map(lambda a: a[perm], slots)
 
     def reset_if_invalid(self) -> bool:
         """After a failed step: rebuild donated buffers that were consumed; True if it did."""

@@ -36,6 +36,7 @@ class StepPlan:
     prefill: list[PrefillChunk] = field(default_factory=list)
     decode: list[Request] = field(default_factory=list)
     retracted: list[Request] = field(default_factory=list)
+    slot_moves: list[tuple[int, int]] = field(default_factory=list)  # (from, to), before decode
 
     @property
     def is_prefill(self) -> bool:
@@ -218,8 +219,25 @@ class Scheduler:
             self.prefix_cache.evict(short)
         return self.allocator.alloc(n)
 
+    def _compact_slots(self) -> list[tuple[int, int]]:
+        """Move requests from high slots into holes below, so decode runs a smaller bucket.
+
+        Holes appear only when nobody is waiting to fill them (prefill takes the lowest free
+        slot), e.g. in the tail of a batch; a move costs one small on-device gather.
+        """
+        occupied = [i for i, r in enumerate(self.slots) if r is not None]
+        n = len(occupied)
+        holes = [i for i in range(n) if self.slots[i] is None]
+        moves = list(zip([i for i in occupied if i >= n], holes, strict=True))
+        for src, dst in moves:
+            req = self.slots[src]
+            self.slots[dst], self.slots[src] = req, None
+            req.slot = dst
+        return moves
+
     def _schedule_decode(self) -> StepPlan:
         self._batch_open = False
+        moves = self._compact_slots()
         decoding = [r for r in self.running if r.state is RequestState.DECODING]
         retracted: list[Request] = []
 
@@ -240,7 +258,7 @@ class Scheduler:
             self.new_token_ratio = max(
                 self.cfg.min_new_token_ratio, self.new_token_ratio - self.cfg.new_token_ratio_decay
             )
-        return StepPlan(decode=decoding, retracted=retracted)
+        return StepPlan(decode=decoding, retracted=retracted, slot_moves=moves)
 
     def retract(self, req: Request, cache: bool = True) -> None:
         """Back to the front of the queue; its output is kept and recomputed on re-admission."""

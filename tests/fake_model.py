@@ -86,6 +86,10 @@ class FakeRunner:
             self.slot_tokens[slot] = out[i]
         return self._result(out)
 
+    def permute_slots(self, perm: np.ndarray) -> None:
+        self.calls.append("permute")
+        self.slot_tokens = self.slot_tokens[perm]
+
     def decode(self, b: DecodeBatch) -> StepResult:
         self.calls.append("decode")
         ps = self.page_size

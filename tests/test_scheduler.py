@@ -313,3 +313,14 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engines):
     assert "device fell over" in outs[0].error
     e.add_request("b", [3, 4], greedy(3))
     assert run(e)["b"] == expected_tokens([3, 4], 3)
+
+
+def test_tail_requests_move_down_to_low_slots(engines):
+    e = engines(slots=4)
+    for i, n in enumerate([2, 2, 2, 9]):
+        e.add_request(f"r{i}", [i + 1, 5], greedy(n))
+    out = run(e)
+    assert "permute" in e.runner.calls
+    # r3 started in slot 3 and finished in slot 0, its output unchanged by the move.
+    assert e.stats.trace[-1] == ("decode", ("r3", None, None, None))
+    assert out["r3"] == expected_tokens([4, 5], 9)
