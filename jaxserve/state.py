@@ -13,6 +13,21 @@ import numpy as np
 from jaxserve.sampling import SamplingRows
 
 
+def neutral_sampling(n: int, xp) -> dict:
+    """Settings that change nothing (greedy, no filters, no penalties) for n rows; xp = np/jnp."""
+    f = lambda v: xp.full((n,), v, xp.float32)  # noqa: E731
+    return dict(
+        temperature=f(0.0),
+        top_k=xp.zeros((n,), xp.int32),
+        top_p=f(1.0),
+        min_p=f(0.0),
+        repetition_penalty=f(1.0),
+        presence_penalty=f(0.0),
+        frequency_penalty=f(0.0),
+        seed=xp.zeros((n,), xp.uint32),
+    )
+
+
 @flax.struct.dataclass
 class SeqSampling:
     """Sampling settings of the sequences being prefilled, written into their slots."""
@@ -28,17 +43,7 @@ class SeqSampling:
 
     @staticmethod
     def empty(s: int) -> SeqSampling:
-        f = lambda v: np.full((s,), v, np.float32)  # noqa: E731
-        return SeqSampling(
-            temperature=f(0.0),
-            top_k=np.zeros((s,), np.int32),
-            top_p=f(1.0),
-            min_p=f(0.0),
-            repetition_penalty=f(1.0),
-            presence_penalty=f(0.0),
-            frequency_penalty=f(0.0),
-            seed=np.zeros((s,), np.uint32),
-        )
+        return SeqSampling(**neutral_sampling(s, np))
 
 
 @flax.struct.dataclass
@@ -76,16 +81,8 @@ class SlotState:
 
 def init_slot_state(num_slots: int, vocab_size: int) -> SlotState:
     b = num_slots
-    f = lambda v: jnp.full((b,), v, jnp.float32)  # noqa: E731
     rows = SamplingRows(
-        temperature=f(0.0),
-        top_k=jnp.zeros((b,), jnp.int32),
-        top_p=f(1.0),
-        min_p=f(0.0),
-        repetition_penalty=f(1.0),
-        presence_penalty=f(0.0),
-        frequency_penalty=f(0.0),
-        seed=jnp.zeros((b,), jnp.uint32),
+        **neutral_sampling(b, jnp),
         prompt_mask=jnp.zeros((b, vocab_size), jnp.bool_),
         output_counts=jnp.zeros((b, vocab_size), jnp.int32),
     )
