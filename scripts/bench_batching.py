@@ -324,7 +324,7 @@ def run_scenarios(
 
 
 # ---- plots -------------------------------------------------------------------------------
-def plot_timeline(result: dict[str, Any], path: Path) -> None:
+def plot_timeline(result: dict[str, Any], path: Path, note: str = "") -> None:
     """Slots x time for both policies, one colour per request, white = idle slot."""
     import matplotlib
     import matplotlib.ticker
@@ -366,7 +366,8 @@ def plot_timeline(result: dict[str, Any], path: Path) -> None:
     fig.suptitle(
         f"{sc['name']}: {sc['num_requests']} requests at once on {n_slots} slots; "
         f"{sc['lengths_text']}\ncolour = request, white = idle slot, "
-        f"black bar on top = prefill step; continuous/static = {result['ratio']:.2f}x",
+        f"black bar on top = prefill step; continuous/static = {result['ratio']:.2f}x"
+        + (f"\n{note}" if note else ""),
         fontsize=11,
     )
     fig.tight_layout()
@@ -374,7 +375,7 @@ def plot_timeline(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_summary(results: list[dict[str, Any]], path: Path) -> None:
+def plot_summary(results: list[dict[str, Any]], path: Path, note: str = "") -> None:
     """Bars per scenario: throughput (with the ratio), slot utilisation, mean latency."""
     import matplotlib
     import matplotlib.ticker
@@ -416,7 +417,7 @@ def plot_summary(results: list[dict[str, Any]], path: Path) -> None:
     fig.suptitle(
         "Static vs continuous batching: same engine, same requests (all at once).\n"
         "Under the throughput bars: continuous / static over the whole run, and (while requests "
-        "were still queued, i.e. without the final drain)",
+        "were still queued, i.e. without the final drain)" + (f"\n{note}" if note else ""),
         fontsize=10.5,
     )
     fig.tight_layout()
@@ -425,16 +426,25 @@ def plot_summary(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def write_outputs(
-    results: list[dict[str, Any]], out_dir: Path, prefix: str = "batching"
+    results: list[dict[str, Any]], out_dir: Path, prefix: str = "batching", note: str = ""
 ) -> list[Path]:
+    """One timeline per scenario and the summary; `note` (config, commit) goes in titles."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for r in results:
         paths.append(out_dir / f"{prefix}_timeline_{r['scenario']['name']}.png")
-        plot_timeline(r, paths[-1])
+        plot_timeline(r, paths[-1], note)
     paths.append(out_dir / f"{prefix}_summary.png")
-    plot_summary(results, paths[-1])
+    plot_summary(results, paths[-1], note)
     return paths
+
+
+def run_note(machine: dict[str, Any], scheduler: dict[str, Any]) -> str:
+    buckets = "/".join(str(b) for b in scheduler["prefill_buckets"])
+    return (
+        f"{machine['cpus']}-core CPU, {scheduler['max_running_requests']} slots, prefill "
+        f"buckets {buckets}, commit {machine['commit']}"
+    )
 
 
 def machine_info() -> dict[str, Any]:
@@ -482,8 +492,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--replot", default=None, help="redraw the PNGs from a JSON of --out")
     args = ap.parse_args(argv)
     if args.replot:
-        results = json.loads(Path(args.replot).read_text())["results"]
-        for path in write_outputs(results, Path(args.out_dir), args.prefix):
+        report = json.loads(Path(args.replot).read_text())
+        note = run_note(report["machine"], report["scheduler"])
+        for path in write_outputs(report["results"], Path(args.out_dir), args.prefix, note):
             print(f"wrote {path}")
         return
 
@@ -514,7 +525,8 @@ def main(argv: list[str] | None = None) -> None:
     results = run_scenarios(
         engine, scenarios, cfg.scheduler.max_running_requests, static_engine=static_engine
     )
-    for path in write_outputs(results, Path(args.out_dir), args.prefix):
+    note = run_note(info, asdict(cfg.scheduler))
+    for path in write_outputs(results, Path(args.out_dir), args.prefix, note):
         print(f"wrote {path}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
