@@ -108,28 +108,39 @@ class BatchBuilder:
             page_table[r.slot, : len(r.pages)] = r.pages
         return DecodeBatch(positions, page_table)
 
-    def warmup_batches(self) -> tuple[list[PrefillBatch], list[DecodeBatch]]:
-        """All-padding batches, one per compiled shape."""
-        cfg, block, s = self.cfg, self.cfg.prefill_block, self.cfg.max_prefill_seqs
-        prefills = []
-        for t in cfg.prefill_buckets:
-            prefills.append(
-                PrefillBatch(
-                    np.zeros((t,), np.int32),
-                    np.full((t,), -1, np.int32),
-                    np.full((t,), s, np.int32),
-                    np.zeros((t,), np.bool_),
-                    np.zeros((s, self.max_pages), np.int32),
-                    np.zeros((t // block,), np.int32),
-                    np.zeros((s,), np.int32),
-                    np.full((s,), self.num_slots, np.int32),
-                    np.zeros((s,), np.bool_),
-                    np.zeros((s,), np.bool_),
-                    SeqSampling.empty(s),
-                )
-            )
+    def mixed_prefill_buckets(self) -> tuple[int, ...]:
+        """Prefill buckets a MIXED step can use (none when mixing is off)."""
+        cfg = self.cfg
+        if not cfg.enable_mixed_steps or cfg.policy != "continuous":
+            return ()
+        return tuple(b for b in cfg.prefill_buckets if b <= cfg.mixed_step_tokens)
+
+    def warmup_batches(self) -> list[tuple[DecodeBatch | None, PrefillBatch | None]]:
+        """All-padding (decode, prefill) parts, one pair per compiled step function:
+        every prefill bucket alone (EXTEND), every decode bucket alone (DECODE), and every
+        decode bucket with every prefill bucket that fits a MIXED step."""
+        prefills = {t: self._empty_prefill(t) for t in self.cfg.prefill_buckets}
         decodes = [
             DecodeBatch(np.full((n,), -1, np.int32), np.zeros((n, self.max_pages), np.int32))
             for n in self.decode_batch_buckets
         ]
-        return prefills, decodes
+        pairs: list[tuple[DecodeBatch | None, PrefillBatch | None]]
+        pairs = [(None, p) for p in prefills.values()] + [(d, None) for d in decodes]
+        pairs += [(d, prefills[t]) for d in decodes for t in self.mixed_prefill_buckets()]
+        return pairs
+
+    def _empty_prefill(self, t: int) -> PrefillBatch:
+        s, block = self.cfg.max_prefill_seqs, self.cfg.prefill_block
+        return PrefillBatch(
+            np.zeros((t,), np.int32),
+            np.full((t,), -1, np.int32),
+            np.full((t,), s, np.int32),
+            np.zeros((t,), np.bool_),
+            np.zeros((s, self.max_pages), np.int32),
+            np.zeros((t // block,), np.int32),
+            np.zeros((s,), np.int32),
+            np.full((s,), self.num_slots, np.int32),
+            np.zeros((s,), np.bool_),
+            np.zeros((s,), np.bool_),
+            SeqSampling.empty(s),
+        )

@@ -59,7 +59,13 @@ class SchedulerConfig:
     """Admission, batching and bucketing limits of the scheduler."""
 
     max_running_requests: int = 32  # also the number of padded decode slots B
-    max_prefill_tokens: int = 512  # per prefill step, also the largest prefill bucket
+    max_prefill_tokens: int = 512  # per EXTEND step (nothing decoding), the largest bucket
+    # MIXED steps: prefill chunks ride along with one token of every decoding request, in one
+    # device call, so an admission never stalls decode. The budget is shared, decode rows
+    # first (as vLLM V1); prefill chunks get the rest, capped by the largest prefill bucket
+    # that fits it. Smaller = lower inter-token latency while prompts arrive.
+    enable_mixed_steps: bool = True
+    mixed_step_tokens: int = 0  # 0 = by backend (MIXED_STEP_TOKENS)
     max_prefill_seqs: int = 8  # sequences packed into one prefill step
     prefill_block: int = 16  # each sequence starts a new block of this many tokens
     prefill_buckets: tuple[int, ...] = (64, 512)
@@ -73,6 +79,21 @@ class SchedulerConfig:
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001
     max_waiting: int = 1024
+
+
+# Default MIXED step budget by backend. On CPU a step costs about its row count (the matmuls
+# are compute-bound), so a 128-token chunk keeps decode latency near one DECODE step plus
+# ~100 ms (docs/benchmarks.md); on accelerators a step costs its weight reads until a few
+# hundred rows, so chunks ride along almost for free.
+MIXED_STEP_TOKENS = {"cpu": 160, "gpu": 2048, "tpu": 2048}
+
+
+def resolve_for_platform(cfg: SchedulerConfig, platform: str) -> SchedulerConfig:
+    """Fill the settings whose default depends on the backend ("cpu", "gpu", "tpu")."""
+    if cfg.mixed_step_tokens > 0:
+        return cfg
+    tokens = MIXED_STEP_TOKENS.get(platform, MIXED_STEP_TOKENS["gpu"])
+    return dataclasses.replace(cfg, mixed_step_tokens=tokens)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from jaxserve.batch import BatchBuilder
-from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.config import EngineConfig, ModelConfig, replace, resolve_for_platform
 from jaxserve.detokenize import Decoder, IncrementalDetokenizer
 from jaxserve.errors import ContextLengthError, InvalidRequestError, QueueFullError
 from jaxserve.request import (
@@ -27,15 +27,14 @@ from jaxserve.request import (
     TokenLogprob,
 )
 from jaxserve.runner import StepResult
-from jaxserve.scheduler import Scheduler, StepPlan
+from jaxserve.scheduler import ForwardMode, Scheduler, StepPlan
 from jaxserve.state import DecodeBatch, PrefillBatch
 
 
 class StepRunner(Protocol):
     num_compiles: int
 
-    def prefill(self, batch: PrefillBatch) -> StepResult: ...
-    def decode(self, batch: DecodeBatch) -> StepResult: ...
+    def run(self, decode: DecodeBatch | None, prefill: PrefillBatch | None) -> StepResult: ...
     def permute_slots(self, perm: np.ndarray) -> None: ...
 
 
@@ -44,8 +43,9 @@ class EngineStats:
     """Counters for /metrics and the benchmarks' step-time breakdown."""
 
     num_steps: int = 0
-    num_prefill_steps: int = 0
-    num_decode_steps: int = 0
+    num_prefill_steps: int = 0  # EXTEND
+    num_decode_steps: int = 0  # DECODE
+    num_mixed_steps: int = 0  # MIXED
     prompt_tokens: int = 0
     generation_tokens: int = 0
     num_aborted: int = 0
@@ -54,10 +54,12 @@ class EngineStats:
     device_s: float = 0.0
     prefill_device_s: float = 0.0
     decode_device_s: float = 0.0
+    mixed_device_s: float = 0.0
     postprocess_s: float = 0.0
-    busy_slot_steps: int = 0  # sum over decode steps of slots doing useful work
+    busy_slot_steps: int = 0  # sum over decode/mixed steps of slots doing useful work
     total_slot_steps: int = 0
-    trace: list[tuple[str, tuple[str | None, ...]]] | None = None  # (kind, slot owners)
+    # (mode, slot owners) per step: mode is "prefill" (EXTEND), "decode" or "mixed"
+    trace: list[tuple[str, tuple[str | None, ...]]] | None = None
     step_times: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=10_000)  # the latest steps only
     )
@@ -67,6 +69,8 @@ class Engine:
     def __init__(
         self, cfg: EngineConfig, model_cfg: ModelConfig, tokenizer: Decoder, runner: StepRunner
     ):
+        platform = getattr(runner, "platform", "cpu")
+        cfg = replace(cfg, scheduler=resolve_for_platform(cfg.scheduler, platform))
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.tokenizer = tokenizer
@@ -98,14 +102,20 @@ class Engine:
 
         `progress(done, total)` is called after each compiled function.
         """
-        prefills, decodes = self.builder.warmup_batches()
-        calls = [(self.runner.prefill, b) for b in prefills]
-        calls += [(self.runner.decode, b) for b in decodes]
-        calls.append((self.runner.permute_slots, np.arange(len(self.scheduler.slots))))
-        for done, (run, batch) in enumerate(calls, 1):
-            run(batch)
+        pairs = self.builder.warmup_batches()
+        total = len(pairs) + 1
+        for done, (decode, prefill) in enumerate(pairs, 1):
+            self.runner.run(decode, prefill)
             if progress is not None:
-                progress(done, len(calls))
+                progress(done, total)
+        self.runner.permute_slots(np.arange(len(self.scheduler.slots)))
+        if progress is not None:
+            progress(total, total)
+
+    @property
+    def num_step_functions(self) -> int:
+        """Compiled functions of this config: step buckets of every mode + the slot permute."""
+        return len(self.builder.warmup_batches()) + 1
 
     # ---- requests ----------------------------------------------------------------------
     def add_request(
@@ -123,6 +133,13 @@ class Engine:
         if len(prompt_token_ids) >= max_len:
             raise ContextLengthError(
                 f"prompt has {len(prompt_token_ids)} tokens; max_model_len is {max_len}", "prompt"
+            )
+        sched = self.cfg.scheduler
+        if not sched.chunked_prefill and len(prompt_token_ids) > sched.max_prefill_tokens:
+            raise ContextLengthError(
+                f"prompt has {len(prompt_token_ids)} tokens; without chunked prefill at most "
+                f"max_prefill_tokens={sched.max_prefill_tokens} fit one step",
+                "prompt",
             )
         params.validate(vocab)
         if len(self.scheduler.waiting) >= self.cfg.scheduler.max_waiting:
@@ -157,15 +174,14 @@ class Engine:
             return []
         t1 = time.perf_counter()
         try:
-            result = self._run(plan)
+            result, width = self._run(plan)
         except Exception as exc:  # noqa: BLE001 - the step's requests fail, the engine lives
             return self._fail(plan, exc)
-        if plan.is_prefill:
-            rows = [(i, c.request) for i, c in enumerate(plan.prefill) if c.is_last]
-            tokens = result.tokens[: len(plan.prefill)]
-        else:
-            rows = [(r.slot, r) for r in plan.decode]
-            tokens = result.tokens[[r.slot for r in plan.decode]]
+        # Result rows: the decode part's `width` slots, then one per prefill sequence.
+        chunk_rows = [(width + i, c) for i, c in enumerate(plan.prefill)]
+        decode_rows = [(r.slot, r) for r in plan.decode]
+        tokens = result.tokens[[i for i, _ in chunk_rows] + [i for i, _ in decode_rows]]
+        rows = [(i, c.request) for i, c in chunk_rows if c.is_last] + decode_rows
         self.scheduler.update(plan, tokens.tolist())
         outputs = self._emit(rows, result)
         t2 = time.perf_counter()
@@ -173,32 +189,42 @@ class Engine:
         s.num_steps += 1
         s.schedule_s += t1 - t0
         s.device_s += result.device_s
-        if plan.is_prefill:
+        mode = plan.mode
+        if mode is ForwardMode.EXTEND:
             s.prefill_device_s += result.device_s
-        else:
+        elif mode is ForwardMode.DECODE:
             s.decode_device_s += result.device_s
+        else:
+            s.mixed_device_s += result.device_s
         s.postprocess_s += t2 - t1 - result.device_s
         s.step_times.append(t2 - t0)
         return outputs
 
-    def _run(self, plan: StepPlan) -> StepResult:
+    def _run(self, plan: StepPlan) -> tuple[StepResult, int]:
+        """Run the plan's step; returns the result and the width of its decode part."""
         s = self.stats
-        owners = tuple(r.request_id if r else None for r in self.scheduler.slots)
+        mode = plan.mode
         if s.trace is not None:
-            s.trace.append(("prefill" if plan.is_prefill else "decode", owners))
-        if plan.is_prefill:
-            s.num_prefill_steps += 1
-            s.prompt_tokens += sum(c.length for c in plan.prefill)
-            return self.runner.prefill(self.builder.prefill(plan.prefill))
+            owners = tuple(r.request_id if r else None for r in self.scheduler.slots)
+            s.trace.append(("prefill" if mode is ForwardMode.EXTEND else mode.value, owners))
         if plan.slot_moves:
             perm = np.arange(len(self.scheduler.slots))
             for src, dst in plan.slot_moves:  # new slot dst takes the state of slot src
                 perm[dst], perm[src] = src, dst
             self.runner.permute_slots(perm)
-        s.num_decode_steps += 1
-        s.busy_slot_steps += len(plan.decode)
-        s.total_slot_steps += len(self.scheduler.slots)
-        return self.runner.decode(self.builder.decode(plan.decode))
+        decode = prefill = None
+        if plan.prefill:
+            s.prompt_tokens += sum(c.length for c in plan.prefill)
+            prefill = self.builder.prefill(plan.prefill)
+        if plan.decode:
+            s.busy_slot_steps += len(plan.decode)
+            s.total_slot_steps += len(self.scheduler.slots)
+            decode = self.builder.decode(plan.decode)
+        s.num_prefill_steps += mode is ForwardMode.EXTEND
+        s.num_decode_steps += mode is ForwardMode.DECODE
+        s.num_mixed_steps += mode is ForwardMode.MIXED
+        width = 0 if decode is None else len(decode.positions)
+        return self.runner.run(decode, prefill), width
 
     def _emit(self, rows: list[tuple[int, Request]], result: StepResult) -> list[RequestOutput]:
         """Detokenize each row's new token, apply stop strings, build the deltas."""

@@ -1,7 +1,8 @@
-"""Device side: params, the paged KV cache, slot state and the two compiled step functions.
+"""Device side: params, the paged KV cache, slot state and the compiled step functions.
 
-Decode runs all B slots with the cache and slot state donated; prefill runs one of a few
-token buckets. Every trace is counted, so tests can assert nothing compiles after warm-up.
+One step function covers DECODE (the first n slots, n a batch bucket), EXTEND (a prefill
+token bucket) and MIXED (both parts in one call), with the cache and slot state donated.
+Every trace is counted, so tests can assert nothing compiles after warm-up.
 """
 
 from __future__ import annotations
@@ -17,8 +18,14 @@ import numpy as np
 import kernels
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.models import llama
-from jaxserve.sampling import SampleOutput, sample
-from jaxserve.state import DecodeBatch, PrefillBatch, SlotState, init_slot_state
+from jaxserve.sampling import SampleOutput, SamplingRows, sample
+from jaxserve.state import (
+    SEQ_SAMPLING_FIELDS,
+    DecodeBatch,
+    PrefillBatch,
+    SlotState,
+    init_slot_state,
+)
 
 
 def resolve_dtype(name: str) -> jnp.dtype:
@@ -44,6 +51,7 @@ class Runner:
     def __init__(self, model_cfg: ModelConfig, params: llama.LlamaParams, cfg: EngineConfig):
         self.model_cfg = model_cfg
         self.cfg = cfg
+        self.platform = jax.default_backend()
         self.dtype = resolve_dtype(cfg.dtype)
         self.page_size = cfg.cache.page_size
         self.num_compiles = 0
@@ -52,19 +60,19 @@ class Runner:
         kv_dtype = self.dtype if cfg.cache.dtype == "auto" else jnp.dtype(cfg.cache.dtype)
         self.kv = llama.init_kv_cache(model_cfg, cfg.cache.num_pages, self.page_size, kv_dtype)
         self.slots = init_slot_state(cfg.scheduler.max_running_requests, model_cfg.vocab_size)
-        self._prefill_fn = jax.jit(self._prefill_step, donate_argnames=("kv", "slots"))
-        self._decode_fn = jax.jit(self._decode_step, donate_argnames=("kv", "slots"))
+        # One traced function for all three forward modes; which parts are present (and their
+        # buckets) picks the compiled program.
+        self._step_fn = jax.jit(self._step, donate_argnames=("kv", "slots"))
         self._permute_fn = jax.jit(self._permute_step, donate_argnames=("slots",))
 
     # ---- host API ------------------------------------------------------------------------
-    def prefill(self, batch: PrefillBatch) -> StepResult:
-        t0 = time.perf_counter()
-        self.kv, self.slots, out = self._prefill_fn(self.params, self.kv, self.slots, batch)
-        return self._to_host(out, t0)
+    def run(self, decode: DecodeBatch | None, prefill: PrefillBatch | None) -> StepResult:
+        """One step: DECODE (decode only), EXTEND (prefill only) or MIXED (both).
 
-    def decode(self, batch: DecodeBatch) -> StepResult:
+        Result rows: the decode batch's n slots first, then the prefill batch's S sequences.
+        """
         t0 = time.perf_counter()
-        self.kv, self.slots, out = self._decode_fn(self.params, self.kv, self.slots, batch)
+        self.kv, self.slots, out = self._step_fn(self.params, self.kv, self.slots, decode, prefill)
         return self._to_host(out, t0)
 
     def permute_slots(self, perm: np.ndarray) -> None:
@@ -99,80 +107,75 @@ class Runner:
         # Runs only while tracing, i.e. once per compiled shape.
         self.num_compiles += 1
 
-    def _attend_decode(self, page_table, lengths):
-        return functools.partial(
-            kernels.paged_attention,
-            page_table=page_table,
-            lengths=lengths,
-            scale=llama.softmax_scale(self.model_cfg),
-            impl=self.impl,
-        )
+    def _attend(self, decode: DecodeBatch | None, prefill: PrefillBatch | None) -> llama.AttendFn:
+        """The attention op of the step's mode: decode, extend, or both parts in one op."""
+        kw = dict(scale=llama.softmax_scale(self.model_cfg), impl=self.impl)
+        if decode is not None:
+            lengths = jnp.where(decode.positions >= 0, decode.positions + 1, 0)  # [n]
+            kw |= dict(decode_page_table=decode.page_table, decode_lengths=lengths)
+        if prefill is not None:
+            kw |= dict(
+                page_table=prefill.page_table,
+                block_seq=prefill.block_seq,
+                positions=prefill.positions,
+                block_q=self.cfg.scheduler.prefill_block,
+            )
+        if prefill is None:
+            kw["page_table"], kw["lengths"] = kw.pop("decode_page_table"), kw.pop("decode_lengths")
+            return functools.partial(kernels.paged_attention, **kw)
+        if decode is None:
+            return functools.partial(kernels.extend_attention, **kw)
+        return functools.partial(kernels.mixed_attention, **kw)
 
-    def _decode_step(self, params, kv, slots: SlotState, batch: DecodeBatch):
-        """Decode the first n slots (n = the batch bucket); the rest of the state is untouched."""
-        self._count_trace()
-        ps = self.page_size
+    def _decode_part(self, slots: SlotState, batch: DecodeBatch) -> _Part:
+        """The first n slots, one input token each (n = the batch bucket)."""
+        ps, num_slots = self.page_size, slots.tokens.shape[0]
         positions = batch.positions  # [n]
         n = positions.shape[0]
-        num_slots = slots.tokens.shape[0]
         active = positions >= 0
         pos = jnp.maximum(positions, 0)
         page = jnp.take_along_axis(batch.page_table, (pos // ps)[:, None], axis=1)[:, 0]
-        slot_mapping = jnp.where(active, page * ps + pos % ps, -1)
-        lengths = jnp.where(active, positions + 1, 0)
-        attend = self._attend_decode(batch.page_table, lengths)
-        hidden, kv = llama.forward(
-            params, self.model_cfg, kv, slots.tokens[:n], positions, slot_mapping, attend
+        return _Part(
+            tokens=slots.tokens[:n],
+            positions=positions,
+            slot_mapping=jnp.where(active, page * ps + pos % ps, -1),
+            sample_idx=jnp.arange(n),
+            sample_slot=jnp.arange(n),
+            sample_pos=positions + 1,
+            write_slot=jnp.where(active, jnp.arange(n), num_slots),  # inactive -> dropped
         )
-        rows = jax.tree.map(lambda a: a[:n], slots.rows)
-        out = sample(llama.lm_head(params, hidden), rows, positions + 1)
-        updated = jnp.where(active, jnp.arange(n), num_slots)  # inactive -> dropped
-        counts = slots.rows.output_counts.at[updated, out.tokens].add(1, mode="drop")
-        slots = SlotState(
-            tokens=slots.tokens.at[updated].set(out.tokens, mode="drop"),
-            rows=slots.rows.replace(output_counts=counts),
-        )
-        return kv, slots, out
 
-    def _prefill_step(self, params, kv, slots: SlotState, batch: PrefillBatch):
-        self._count_trace()
-        ps, cfg = self.page_size, self.model_cfg
-        num_slots = slots.tokens.shape[0]
+    def _prefill_part(self, num_slots: int, batch: PrefillBatch) -> _Part:
+        """T packed prompt tokens of up to S sequences; the last token of each is sampled."""
+        ps = self.page_size
         num_seqs = batch.seq_slot.shape[0]
         valid = batch.positions >= 0
         seq = jnp.minimum(batch.token_seq, num_seqs - 1)
         pos = jnp.maximum(batch.positions, 0)
         page = batch.page_table[seq, pos // ps]
-        slot_mapping = jnp.where(valid, page * ps + pos % ps, -1)
-        attend = functools.partial(
-            kernels.extend_attention,
-            page_table=batch.page_table,
-            block_seq=batch.block_seq,
+        sampled = batch.do_sample & (batch.seq_slot < num_slots)
+        return _Part(
+            tokens=batch.tokens,
             positions=batch.positions,
-            block_q=self.cfg.scheduler.prefill_block,
-            scale=llama.softmax_scale(cfg),
-            impl=self.impl,
+            slot_mapping=jnp.where(valid, page * ps + pos % ps, -1),
+            sample_idx=batch.last_idx,
+            sample_slot=jnp.minimum(batch.seq_slot, num_slots - 1),
+            sample_pos=batch.positions[batch.last_idx] + 1,
+            write_slot=jnp.where(sampled, batch.seq_slot, num_slots),
         )
-        hidden, kv = llama.forward(
-            params, cfg, kv, batch.tokens, batch.positions, slot_mapping, attend
-        )
-        logits = llama.lm_head(params, hidden[batch.last_idx])  # [S, V]
 
-        # New sequences take over their slot: settings written, token history cleared.
+    @staticmethod
+    def _start_sequences(rows: SamplingRows, batch: PrefillBatch, num_slots: int) -> SamplingRows:
+        """New sequences take over their slot (settings written, token history cleared); the
+        step's prompt tokens are recorded for the repetition penalty, resumed output tokens
+        for the presence/frequency penalties."""
+        num_seqs = batch.seq_slot.shape[0]
+        valid = batch.positions >= 0
+        seq = jnp.minimum(batch.token_seq, num_seqs - 1)
         first = jnp.where(batch.is_first & (batch.seq_slot < num_slots), batch.seq_slot, num_slots)
-        rows = slots.rows
         updates = {
             name: getattr(rows, name).at[first].set(getattr(batch.sampling, name), mode="drop")
-            for name in (
-                "temperature",
-                "top_k",
-                "top_p",
-                "min_p",
-                "repetition_penalty",
-                "presence_penalty",
-                "frequency_penalty",
-                "seed",
-            )
+            for name in SEQ_SAMPLING_FIELDS
         }
         prompt_mask = rows.prompt_mask.at[first].set(False, mode="drop")
         counts = rows.output_counts.at[first].set(0, mode="drop")
@@ -181,17 +184,63 @@ class Runner:
         prompt_mask = prompt_mask.at[prompt_rows, batch.tokens].set(True, mode="drop")
         output_rows = jnp.where(batch.is_output, tok_slot, num_slots)
         counts = counts.at[output_rows, batch.tokens].add(1, mode="drop")
-        rows = rows.replace(prompt_mask=prompt_mask, output_counts=counts, **updates)
+        return rows.replace(prompt_mask=prompt_mask, output_counts=counts, **updates)
 
-        gather = jnp.minimum(batch.seq_slot, num_slots - 1)
-        seq_rows = jax.tree.map(lambda a: a[gather], rows)
-        out = sample(logits, seq_rows, batch.positions[batch.last_idx] + 1)
-        sampled = jnp.where(
-            batch.do_sample & (batch.seq_slot < num_slots), batch.seq_slot, num_slots
+    def _step(
+        self,
+        params,
+        kv,
+        slots: SlotState,
+        decode: DecodeBatch | None,
+        prefill: PrefillBatch | None,
+    ):
+        """One forward over [decode rows | prefill tokens], then one sampling call.
+
+        MIXED is a decode part and a prefill part of one program rather than decode rows as
+        1-token segments of the packed extend layout: the matmuls (the whole cost on CPU, the
+        weight reads on accelerators) run once over all rows, while attention keeps a kernel
+        tuned for each shape (as tpu-inference's ragged kernel splits decode-only and prefill
+        ranges). As 1-token segments each decode row would take a whole query block (16
+        padded rows) and walk the extend kernel's per-block page loop.
+        """
+        self._count_trace()
+        num_slots = slots.tokens.shape[0]
+        rows = slots.rows
+        parts = []
+        if decode is not None:
+            parts.append(self._decode_part(slots, decode))
+        if prefill is not None:
+            rows = self._start_sequences(rows, prefill, num_slots)
+            parts.append(self._prefill_part(num_slots, prefill))
+        sizes = [p.tokens.shape[0] for p in parts]
+        offsets = np.cumsum([0, *sizes[:-1]]).tolist()
+        attend = self._attend(decode, prefill)
+        cat = lambda name: jnp.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+        hidden, kv = llama.forward(
+            params, self.model_cfg, kv, cat("tokens"), cat("positions"), cat("slot_mapping"), attend
         )
-        counts = rows.output_counts.at[sampled, out.tokens].add(1, mode="drop")
+        sample_idx = jnp.concatenate(
+            [p.sample_idx + off for p, off in zip(parts, offsets, strict=True)]
+        )
+        logits = llama.lm_head(params, hidden[sample_idx])  # [R, V]
+        out = sample(logits, jax.tree.map(lambda a: a[cat("sample_slot")], rows), cat("sample_pos"))
+        write = cat("write_slot")
+        counts = rows.output_counts.at[write, out.tokens].add(1, mode="drop")
         slots = SlotState(
-            tokens=slots.tokens.at[sampled].set(out.tokens, mode="drop"),
+            tokens=slots.tokens.at[write].set(out.tokens, mode="drop"),
             rows=rows.replace(output_counts=counts),
         )
         return kv, slots, out
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One part of a step's rows (decode or prefill), traced values only."""
+
+    tokens: jax.Array  # [N] int32
+    positions: jax.Array  # [N] int32, < 0 = padding
+    slot_mapping: jax.Array  # [N] int32, where each token's K/V goes
+    sample_idx: jax.Array  # [R] int32, rows of the part whose next token is sampled
+    sample_slot: jax.Array  # [R] int32, slot whose sampling settings each row uses
+    sample_pos: jax.Array  # [R] int32, position of the sampled token (seeds fold it in)
+    write_slot: jax.Array  # [R] int32, slot that takes the sampled token (B = none)

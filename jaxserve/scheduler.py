@@ -1,15 +1,17 @@
 """SGLang-style scheduler: a waiting queue, a running batch in fixed slots, and a StepPlan per step.
 
-Each step is a prefill of admitted requests (priority) or one decode of all running requests.
-Admission is limited by free KV pages (with a decaying `new_token_ratio` reserve for the
-running requests' future tokens), by the slot count and by the prefill token budget; when
-decode runs out of pages the cheapest request is retracted and recomputed later.
-Plain Python: no jax here.
+A step is EXTEND (prefill chunks only), DECODE (one token for every decoding request) or MIXED
+(both in one device call, decode rows first under one token budget), as the seed's
+`get_forward_mode` names them. Admission is limited by free KV pages (with a decaying
+`new_token_ratio` reserve for the running requests' future tokens), by the slot count and by
+the step's token budget; when decode runs out of pages the cheapest request is retracted and
+recomputed later. Plain Python: no jax here.
 """
 
 from __future__ import annotations
 
 import collections
+import enum
 import math
 from dataclasses import dataclass, field
 
@@ -31,16 +33,25 @@ class PrefillChunk:
         return self.start + self.length == self.request.num_tokens
 
 
+class ForwardMode(enum.StrEnum):
+    EXTEND = "extend"  # prefill chunks only
+    DECODE = "decode"  # one token per decoding request
+    MIXED = "mixed"  # both, in one device call
+    IDLE = "idle"
+
+
 @dataclass
 class StepPlan:
     prefill: list[PrefillChunk] = field(default_factory=list)
     decode: list[Request] = field(default_factory=list)
     retracted: list[Request] = field(default_factory=list)
-    slot_moves: list[tuple[int, int]] = field(default_factory=list)  # (from, to), before decode
+    slot_moves: list[tuple[int, int]] = field(default_factory=list)  # (from, to), before the step
 
     @property
-    def is_prefill(self) -> bool:
-        return bool(self.prefill)
+    def mode(self) -> ForwardMode:
+        if self.prefill:
+            return ForwardMode.MIXED if self.decode else ForwardMode.EXTEND
+        return ForwardMode.DECODE if self.decode else ForwardMode.IDLE
 
     @property
     def is_idle(self) -> bool:
@@ -113,8 +124,26 @@ class Scheduler:
 
     # ---- planning ----------------------------------------------------------------------
     def schedule(self) -> StepPlan:
-        plan = self._schedule_prefill()
-        return plan if plan.is_prefill else self._schedule_decode()
+        """EXTEND while nobody decodes; else DECODE, with prefill chunks mixed in if enabled."""
+        cfg = self.cfg
+        mixing = cfg.enable_mixed_steps and cfg.policy == "continuous"
+        if not mixing or not any(r.state is RequestState.DECODING for r in self.running):
+            plan = self._schedule_prefill(cfg.max_prefill_tokens)
+            if plan.prefill:
+                return plan
+        plan = self._schedule_decode()
+        if mixing and not plan.retracted:  # after a retraction memory is short: admit nothing
+            budget = min(cfg.mixed_step_tokens - len(plan.decode), self.max_mixed_prefill)
+            budget -= budget % cfg.prefill_block
+            if budget > 0:
+                plan.prefill = self._schedule_prefill(budget).prefill
+        return plan
+
+    @property
+    def max_mixed_prefill(self) -> int:
+        """Prefill tokens a MIXED step can carry: the largest bucket within the step budget."""
+        fitting = [b for b in self.cfg.prefill_buckets if b <= self.cfg.mixed_step_tokens]
+        return max(fitting, default=0)
 
     def _reserved_tokens(self) -> int:
         """Future decode tokens of running requests, discounted by `new_token_ratio`."""
@@ -124,14 +153,14 @@ class Scheduler:
             total += math.ceil(max(left, 0) * self.new_token_ratio)
         return total
 
-    def _schedule_prefill(self) -> StepPlan:
+    def _schedule_prefill(self, budget: int) -> StepPlan:
+        """Chunks of admitted prompts first, then new admissions, within `budget` tokens."""
         cfg = self.cfg
         if cfg.policy == "static":
             if not self.running:
                 self._batch_open = True
             if not self._batch_open:
                 return StepPlan()
-        budget = cfg.max_prefill_tokens
         chunks: list[PrefillChunk] = []
         # Requests already admitted whose prompt is longer than one step's budget go first.
         for req in self.running:
@@ -146,7 +175,8 @@ class Scheduler:
         if (
             cfg.schedule_order == "lpm"
             and self.prefix_cache is not None
-            and len(self.waiting) <= 128
+            and 1 < len(self.waiting) <= 128
+            and None in self.slots  # nothing can be admitted without a free slot
         ):
             # Longest cached prefix first, as SGLang does for short queues (stable on ties).
             cache, ps = self.prefix_cache, self.page_size
@@ -168,16 +198,11 @@ class Scheduler:
                 (self.running or chunks) and estimate > free_tokens
             )
             length = min(n - len(cached) * self.page_size, budget)
-            if (
-                not blocked
-                and length < n - len(cached) * self.page_size
-                and not cfg.chunked_prefill
-            ):
-                if not chunks:
-                    raise ValueError(
-                        f"prompt of {n} tokens exceeds max_prefill_tokens without chunking"
-                    )
-                blocked = True
+            if length < n - len(cached) * self.page_size and not cfg.chunked_prefill:
+                # Without chunking a prompt waits for a step with room for all of it; one that
+                # fits no step (a retracted request's prompt + output) is chunked anyway when
+                # it would run alone, rather than never.
+                blocked |= bool(chunks or self.running)
             if blocked:
                 self.allocator.free(cached)
                 break
@@ -186,6 +211,8 @@ class Scheduler:
             self.slots[req.slot] = req
             req.pages = cached + self._alloc(need_pages)
             req.num_computed = req.num_cached = len(cached) * self.page_size
+            if self.prefix_cache is not None:  # counted when admitted, not per refused try
+                self.prefix_cache.hits += req.num_cached
             req.state = RequestState.PREFILLING
             chunks.append(PrefillChunk(req, req.num_computed, length, is_first=True))
             budget -= _round_up(length, cfg.prefill_block)
@@ -205,7 +232,6 @@ class Scheduler:
             return []
         pages = self.prefix_cache.match(req.all_token_ids, (req.num_tokens - 1) // self.page_size)
         self.allocator.retain(pages)
-        self.prefix_cache.hits += len(pages) * self.page_size
         return pages
 
     def _free_pages(self) -> int:
@@ -270,9 +296,10 @@ class Scheduler:
 
     # ---- results -----------------------------------------------------------------------
     def update(self, plan: StepPlan, next_tokens: list[int]) -> list[Request]:
-        """Record sampled tokens (one per prefill chunk or decode row); return finished ones."""
+        """Record sampled tokens, one per prefill chunk then one per decode row; return the
+        finished requests."""
         finished = []
-        rows = plan.prefill if plan.is_prefill else plan.decode
+        rows: list[PrefillChunk | Request] = [*plan.prefill, *plan.decode]
         for row, token in zip(rows, next_tokens, strict=True):
             if isinstance(row, PrefillChunk):
                 req = row.request

@@ -28,6 +28,18 @@ def neutral_sampling(n: int, xp) -> dict:
     )
 
 
+SEQ_SAMPLING_FIELDS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+)
+
+
 @flax.struct.dataclass
 class SeqSampling:
     """Sampling settings of the sequences being prefilled, written into their slots."""

@@ -12,7 +12,7 @@ import jax
 from kernels import reference
 from kernels.reference import write_kv
 
-__all__ = ["extend_attention", "paged_attention", "write_kv", "resolve_impl"]
+__all__ = ["extend_attention", "mixed_attention", "paged_attention", "write_kv", "resolve_impl"]
 
 IMPLS = ("reference", "pallas", "interpret")
 
@@ -87,3 +87,39 @@ def extend_attention(
     return mod.extend_attention(
         q, k_pages, v_pages, page_table, block_seq, positions, interpret=impl == "interpret", **kw
     )
+
+
+def mixed_attention(
+    q,
+    k_pages,
+    v_pages,
+    decode_page_table,
+    decode_lengths,
+    page_table,
+    block_seq,
+    positions,
+    *,
+    block_q,
+    scale,
+    sliding_window=None,
+    soft_cap=None,
+    impl=None,
+    platform=None,
+):
+    """Attention of a MIXED step: q [n + T, H, D] is n decode rows then T packed extend tokens.
+
+    The decode rows (one query per slot; `decode_page_table` [n, P], `decode_lengths` [n])
+    run the decode kernel and the extend tokens (`page_table`, `block_seq`, `positions` as in
+    `extend_attention`) the extend kernel, inside one traced program: each part keeps the
+    block sizes it is tuned for, as tpu-inference's ragged kernel runs decode-only and
+    prefill ranges with their own static blocks. Returns [n + T, H, D].
+    """
+    n = decode_page_table.shape[0]
+    kw = dict(
+        scale=scale, sliding_window=sliding_window, soft_cap=soft_cap, impl=impl, platform=platform
+    )
+    out_decode = paged_attention(q[:n], k_pages, v_pages, decode_page_table, decode_lengths, **kw)
+    out_extend = extend_attention(
+        q[n:], k_pages, v_pages, page_table, block_seq, positions, block_q=block_q, **kw
+    )
+    return jax.numpy.concatenate([out_decode, out_extend])

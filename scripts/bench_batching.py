@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_offline import make_prompts  # noqa: E402
 
 POLICIES = ("static", "continuous")
+DECODING = ("decode", "mixed")  # step kinds that carry decode rows
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ def summarize_run(
     sat = next((k for k, st in enumerate(steps) if st["waiting"] == 0), len(steps) - 1)
     window = steps[: sat + 1]
     sustained = float("nan")
-    if any(st["kind"] == "decode" for st in window):
+    if any(st["kind"] in DECODING for st in window):
         sustained = sum(st["tokens"] for st in window) / window[-1]["end"]
     e2e = np.asarray(finish)
     ttft = np.asarray(first)
@@ -218,14 +219,29 @@ def summarize_run(
         "num_slots": len(engine.scheduler.slots),
         "prefill_steps": s.num_prefill_steps,
         "decode_steps": s.num_decode_steps,
+        "mixed_steps": s.num_mixed_steps,
         "prefill_device_s": s.prefill_device_s,
         "decode_device_s": s.decode_device_s,
+        "mixed_device_s": s.mixed_device_s,
+        # Output tok/s if every step were a full DECODE step at the run's mean decode speed
+        # (tokens of DECODE steps / their time): the ceiling that prefill work lowers.
+        "decode_only_tok_per_s": decode_only_rate(steps),
         "host_s": s.schedule_s + s.postprocess_s,
         "e2e_s": {"mean": float(e2e.mean()), "p50": float(np.median(e2e)), "p90": _p(e2e, 90)},
         "ttft_s": {"mean": float(ttft.mean()), "p50": float(np.median(ttft)), "p90": _p(ttft, 90)},
         "decode_buckets": decode_bucket_profile(engine, steps),
         "steps": steps,
     }
+
+
+def decode_only_rate(steps: list[dict[str, Any]]) -> float:
+    """Busy decode rows per second of DECODE steps at the largest busy count seen."""
+    decode = [st for st in steps if st["kind"] == "decode"]
+    if not decode:
+        return float("nan")
+    full = max(sum(r >= 0 for r in st["slots"]) for st in decode)
+    times = [st["end"] - st["start"] for st in decode if sum(r >= 0 for r in st["slots"]) == full]
+    return full / float(np.median(times))
 
 
 def _p(a: np.ndarray, q: float) -> float:
@@ -237,7 +253,7 @@ def row_utilisation(engine: Engine, steps: list[dict[str, Any]]) -> float:
     busy = rows = 0
     for st in steps:
         live = [k for k, r in enumerate(st["slots"]) if r >= 0]
-        if st["kind"] == "decode" and live:
+        if st["kind"] in DECODING and live:
             busy += len(live)
             rows += smallest_bucket(max(live) + 1, buckets)
     return busy / max(rows, 1)
@@ -248,7 +264,7 @@ def decode_bucket_profile(engine: Engine, steps: list[dict[str, Any]]) -> dict[s
     buckets = engine.builder.decode_batch_buckets
     rows: dict[int, list[tuple[float, int]]] = {b: [] for b in buckets}
     for st in steps:
-        if st["kind"] != "decode":
+        if st["kind"] not in DECODING:
             continue
         busy = [k for k, r in enumerate(st["slots"]) if r >= 0]
         if busy:
@@ -315,9 +331,12 @@ def run_scenarios(
                 "runs": runs,
             }
         )
+        ceiling = c["decode_only_tok_per_s"] / s["output_tok_per_s"]
+        results[-1]["decode_only_ceiling_ratio"] = ceiling
         print(
             f"{sc.name:17s} continuous / static = {results[-1]['ratio']:.2f}x "
-            f"(sustained {results[-1]['sustained_ratio']:.2f}x)",
+            f"(sustained {results[-1]['sustained_ratio']:.2f}x; decode-only ceiling "
+            f"{ceiling:.2f}x; {c['mixed_steps']} mixed steps)",
             flush=True,
         )
     return results
@@ -346,10 +365,11 @@ def plot_timeline(result: dict[str, Any], path: Path, note: str = "") -> None:
         # Spread consecutive requests (often neighbours in slots) over unrelated colours.
         grid = np.ma.masked_where(grid < 0, (grid * 7) % 20)
         ax.pcolormesh(edges, np.arange(n_slots + 1), grid, cmap=colours, vmin=0, vmax=20)
-        # Prefill steps: a black bar above the slots.
+        # Prefill steps: a black bar above the slots (grey: MIXED, decode rows rode along).
         for st in steps:
-            if st["kind"] == "prefill":
-                ax.axvspan(st["start"], st["end"], ymin=0.955, ymax=1.0, color="k", lw=0)
+            if st["kind"] in ("prefill", "mixed"):
+                c = "k" if st["kind"] == "prefill" else "0.6"
+                ax.axvspan(st["start"], st["end"], ymin=0.955, ymax=1.0, color=c, lw=0)
         ax.set_ylim(0, n_slots * 1.047)
         ax.set_xlim(0, t_max)
         ax.set_ylabel("slot")
@@ -366,8 +386,8 @@ def plot_timeline(result: dict[str, Any], path: Path, note: str = "") -> None:
     fig.suptitle(
         f"{sc['name']}: {sc['num_requests']} requests at once on {n_slots} slots; "
         f"{sc['lengths_text']}\ncolour = request, white = idle slot, "
-        f"black bar on top = prefill step; continuous/static = {result['ratio']:.2f}x"
-        + (f"\n{note}" if note else ""),
+        f"black / grey bar on top = prefill / mixed step; "
+        f"continuous/static = {result['ratio']:.2f}x" + (f"\n{note}" if note else ""),
         fontsize=11,
     )
     fig.tight_layout()

@@ -47,3 +47,25 @@ def idle_engine(engine):
     """The shared engine, checked for leaks after the test."""
     yield engine
     assert_engine_idle(engine)
+
+
+@pytest.fixture
+def engines():
+    """Fake-model engines (`tests.test_scheduler.make_engine`); every engine a test makes must
+    end with all pages and slots free."""
+    from tests.test_scheduler import make_engine
+
+    made = []
+
+    def factory(**kw):
+        made.append(make_engine(**kw))
+        return made[-1]
+
+    yield factory
+    for e in made:
+        cache = e.scheduler.prefix_cache
+        assert cache.num_evictable() == cache.num_pages  # only the cache holds pages now
+        cache.clear()
+        assert e.scheduler.allocator.num_free == e.scheduler.allocator.num_pages
+        assert all(s is None for s in e.scheduler.slots)
+        assert not e.scheduler.waiting

@@ -1,8 +1,9 @@
 """A tiny hand-computable stand-in for the device runner, for scheduler and engine tests.
 
 Its "KV cache" stores token ids in the real page layout; the next token is the sum of every
-token the sequence has, read back through its page table, modulo VOCAB. A wrong, leaked or
-overwritten page changes the output, so the paging is checked, not assumed.
+token the sequence has, each weighted by its position + 1, read back through its page table,
+modulo VOCAB. A wrong, leaked, overwritten or misordered page changes the output, so the
+paging is checked, not assumed.
 """
 
 from __future__ import annotations
@@ -27,11 +28,16 @@ FAKE_MODEL = ModelConfig(
 )
 
 
+def next_token(seq) -> int:
+    """The fake model: position-weighted sum of the sequence, modulo VOCAB."""
+    return int(sum((i + 1) * int(t) for i, t in enumerate(seq)) % VOCAB)
+
+
 def expected_tokens(prompt: list[int], max_tokens: int) -> list[int]:
     """What the fake model generates for `prompt`, computed without any engine."""
     seq, out = list(prompt), []
     for _ in range(max_tokens):
-        nxt = sum(seq) % VOCAB
+        nxt = next_token(seq)
         out.append(nxt)
         seq.append(nxt)
         if nxt == EOS:
@@ -68,8 +74,23 @@ class FakeRunner:
             0.0,
         )
 
-    def prefill(self, b: PrefillBatch) -> StepResult:
-        self.calls.append("prefill")
+    def run(self, decode: DecodeBatch | None, prefill: PrefillBatch | None) -> StepResult:
+        """Rows: the decode part's n slots, then the prefill part's sequences."""
+        self.calls.append(
+            "mixed"
+            if decode is not None and prefill is not None
+            else "decode"
+            if decode is not None
+            else "prefill"
+        )
+        parts = []
+        if decode is not None:
+            parts.append(self._decode(decode))
+        if prefill is not None:
+            parts.append(self._prefill(prefill))
+        return self._result(np.concatenate(parts))
+
+    def _prefill(self, b: PrefillBatch) -> np.ndarray:
         ps = self.page_size
         for t in np.nonzero(b.positions >= 0)[0]:
             pos = b.positions[t]
@@ -82,23 +103,22 @@ class FakeRunner:
             n = b.positions[b.last_idx[i]] + 1
             seq = self._read(b.page_table[i], n)
             assert (seq >= 0).all(), "read a position that was never written"
-            out[i] = seq.sum() % VOCAB
+            out[i] = next_token(seq)
             self.slot_tokens[slot] = out[i]
-        return self._result(out)
+        return out
 
     def permute_slots(self, perm: np.ndarray) -> None:
         self.calls.append("permute")
         self.slot_tokens = self.slot_tokens[perm]
 
-    def decode(self, b: DecodeBatch) -> StepResult:
-        self.calls.append("decode")
-        ps = self.page_size
-        out = self.slot_tokens.copy()
+    def _decode(self, b: DecodeBatch) -> np.ndarray:
+        ps, n = self.page_size, len(b.positions)
+        out = self.slot_tokens[:n].copy()
         for slot in np.nonzero(b.positions >= 0)[0]:
             pos = b.positions[slot]
             self.store[b.page_table[slot, pos // ps] * ps + pos % ps] = self.slot_tokens[slot]
             seq = self._read(b.page_table[slot], pos + 1)
             assert (seq >= 0).all(), "read a position that was never written"
-            out[slot] = seq.sum() % VOCAB
-        self.slot_tokens = out
-        return self._result(out)
+            out[slot] = next_token(seq)
+        self.slot_tokens[:n] = out
+        return out

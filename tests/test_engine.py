@@ -32,10 +32,75 @@ def prompt_ids(llm, case) -> list[int]:
 
 def test_greedy_matches_transformers_token_for_token(llm, idle_engine, hf_cases):
     prompts = [prompt_ids(llm, c) for c in hf_cases]
+    mixed = llm.engine.stats.num_mixed_steps
     outs = llm.generate_tokens(prompts, GREEDY)
     for case, out in zip(hf_cases, outs, strict=True):
         want = case["new_ids"]
         assert out.token_ids == want, case["messages"] or case["prompt"]
+    # Later prompts were admitted while the first ones decoded: MIXED steps took part.
+    assert llm.engine.stats.num_mixed_steps > mixed
+
+
+def run_staggered(engine, requests, every: int = 2) -> dict[str, dict]:
+    """Add one request every `every` steps (so prefills land in MIXED steps) and drain."""
+    out: dict[str, dict] = {}
+    pending, step = list(requests), 0
+    while pending or engine.has_work():
+        if pending and step % every == 0:
+            rid, ids, params = pending.pop(0)
+            engine.add_request(rid, ids, params)
+        for o in engine.step():
+            r = out.setdefault(o.request_id, {"ids": [], "logprobs": [], "text": ""})
+            r["ids"] += o.new_token_ids
+            r["logprobs"] += [lp.logprob for lp in o.logprobs or []]
+            r["text"] += o.new_text
+            r["finish"] = o.finish_reason
+        step += 1
+    return out
+
+
+def test_mixed_steps_change_no_token_logprob_seed_penalty_or_stop(llm, idle_engine, hf_cases):
+    """Each request alone (EXTEND then DECODE steps) vs. arriving while others decode (its
+    prefill and decode tokens in MIXED steps): the same tokens, logprobs, seeded samples,
+    penalised samples and stop-string cuts; the repeats also go through the prefix cache."""
+    engine = llm.engine
+    prompts = [prompt_ids(llm, c) for c in hf_cases[:8]]
+    params = [
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=3),
+        SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True),
+        SamplingParams(
+            max_tokens=24,
+            temperature=0.0,
+            repetition_penalty=1.3,
+            presence_penalty=0.5,
+            frequency_penalty=0.5,
+            ignore_eos=True,
+        ),
+        SamplingParams(max_tokens=24, temperature=0.7, top_k=20, seed=11, logprobs=1),
+    ]
+    requests = [(f"m{i}", p, params[i % len(params)]) for i, p in enumerate(prompts)]
+    alone = {rid: run_staggered(engine, [(rid, p, sp)])[rid] for rid, p, sp in requests}
+    # A stop string from one greedy answer, cut where it first occurs.
+    stop_text = alone["m0"]["text"].split()[3]
+    requests.append(
+        ("stop", prompts[0], SamplingParams(max_tokens=24, temperature=0.0, stop=(stop_text,)))
+    )
+    alone["stop"] = run_staggered(engine, [requests[-1]])["stop"]
+    engine.stats.trace = []
+    try:
+        together = run_staggered(engine, requests)
+        modes = {kind for kind, _ in engine.stats.trace}
+        mixed_owners = {o for kind, owners in engine.stats.trace if kind == "mixed" for o in owners}
+    finally:
+        engine.stats.trace = None
+    assert {"mixed", "decode"} <= modes
+    assert {rid for rid, _, _ in requests} <= mixed_owners
+    for rid, _, _ in requests:
+        assert together[rid]["ids"] == alone[rid]["ids"], rid
+        assert together[rid]["text"] == alone[rid]["text"], rid
+        np.testing.assert_allclose(together[rid]["logprobs"], alone[rid]["logprobs"], atol=1e-4)
+    assert together["stop"]["finish"] is FinishReason.STOP
+    assert stop_text not in together["stop"]["text"]
 
 
 def test_batch_invariance_alone_in_8_and_in_32_mixed(llm, idle_engine, hf_cases):
@@ -72,9 +137,14 @@ def test_no_compilation_after_warmup_over_100_mixed_requests(llm, idle_engine):
         )
         for i, m in enumerate(rng.integers(1, 24, 100))
     ]
+    stats = llm.engine.stats
+    steps = (stats.num_prefill_steps, stats.num_decode_steps, stats.num_mixed_steps)
     outs = llm.generate_tokens(prompts, params)
     assert all(o.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) for o in outs)
     assert llm.engine.runner.num_compiles == before
+    # Every forward mode ran (EXTEND, DECODE and MIXED), each bucket already compiled.
+    after = (stats.num_prefill_steps, stats.num_decode_steps, stats.num_mixed_steps)
+    assert all(a > b for a, b in zip(after, steps, strict=True))
 
 
 def test_chat_answers_the_question(llm, idle_engine):

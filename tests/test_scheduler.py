@@ -31,25 +31,6 @@ def make_engine(num_pages=64, page_size=4, slots=4, **sched) -> Engine:
     return engine
 
 
-@pytest.fixture
-def engines():
-    """Every engine a test makes must end with all pages and slots free."""
-    made: list[Engine] = []
-
-    def factory(**kw) -> Engine:
-        made.append(make_engine(**kw))
-        return made[-1]
-
-    yield factory
-    for e in made:
-        cache = e.scheduler.prefix_cache
-        assert cache.num_evictable() == cache.num_pages  # only the cache holds pages now
-        cache.clear()
-        assert e.scheduler.allocator.num_free == e.scheduler.allocator.num_pages
-        assert all(s is None for s in e.scheduler.slots)
-        assert not e.scheduler.waiting
-
-
 def run(engine: Engine, max_steps: int = 10_000) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for _ in range(max_steps):
@@ -79,14 +60,17 @@ def test_outputs_match_hand_computation(engines):
     assert out == {rid: expected_tokens(p, 12) for rid, p in PROMPTS.items()}
 
 
-def test_prefill_has_priority_over_decode(engines):
-    e = engines()
+@pytest.mark.parametrize("mixed", [False, True])
+def test_prefill_has_priority_over_decode(engines, mixed):
+    e = engines(enable_mixed_steps=mixed)
     e.add_request("a", [1, 2, 3], greedy(20))
     e.step()  # prefill a
     e.step()  # decode a
     e.add_request("b", [4, 5], greedy(5))
-    e.step()
-    assert e.runner.calls[-1] == "prefill"
+    outs = e.step()
+    # Without mixing, a stalls for b's prefill; with it, both advance in one MIXED step.
+    assert e.runner.calls[-1] == ("mixed" if mixed else "prefill")
+    assert sorted(o.request_id for o in outs) == (["a", "b"] if mixed else ["b"])
     assert e.scheduler.slots.count(None) == 2
     run(e)
 
@@ -103,7 +87,7 @@ def test_finished_slot_is_refilled_on_the_next_step(engines):
     assert e.scheduler.slots.count(None) == 1  # freed at once
     e.step()
     kind, owners = e.stats.trace[-1]
-    assert kind == "prefill" and "late" in owners
+    assert kind == "mixed" and "late" in owners  # long decodes while late prefills
     out = run(e)
     assert out["late"] == expected_tokens([3, 3], 3)[1:]  # first token came in the earlier step
 
@@ -269,7 +253,9 @@ def test_prefix_cache_is_evicted_when_pages_run_out(engines):
     for i in range(8):  # each leaves ~4 full pages in the cache; 8 of them do not fit
         e.add_request(f"r{i}", [i + 1] * 15, greedy(3))
         assert run(e)[f"r{i}"] == expected_tokens([i + 1] * 15, 3)
-    assert e.scheduler.prefix_cache.num_pages <= 20
+    cache = e.scheduler.prefix_cache
+    assert cache.peek([8] * 15, 3) == 3  # the newest prompt is still cached
+    assert cache.peek([1] * 15, 3) == 0  # the oldest was evicted to make room
 
 
 def test_lpm_admits_the_longest_cached_prefix_first(engines):
@@ -299,13 +285,13 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engines):
     e = engines()
     e.add_request("a", [1, 2], greedy(5))
     e.step()  # prefill a
-    real_decode = e.runner.decode
+    real_run = e.runner.run
 
-    def broken(batch):
-        e.runner.decode = real_decode  # fails once
+    def broken(decode, prefill):
+        e.runner.run = real_run  # fails once
         raise RuntimeError("device fell over")
 
-    e.runner.decode = broken
+    e.runner.run = broken
     outs = e.step()
     assert [(o.request_id, o.finish_reason, o.finished) for o in outs] == [
         ("a", FinishReason.ERROR, True)

@@ -511,10 +511,10 @@ def test_overload_gives_429_with_retry_after_and_running_requests_finish(srv):
 def test_step_exception_fails_requests_with_500_and_server_keeps_serving(srv):
     failed_before = srv.bridge.snapshot.num_failed
 
-    def boom(batch):
-        raise RuntimeError("injected decode failure")
+    def boom(decode, prefill):
+        raise RuntimeError("injected step failure")
 
-    srv.bridge.call(lambda e: setattr(e.runner, "decode", boom))
+    srv.bridge.call(lambda e: setattr(e.runner, "run", boom))
     try:
         err = assert_error(_post(srv.url, "completions", body={**CMPL, "max_tokens": 8}), 500)
         assert err["type"] == "server_error" and "injected" in err["message"]
@@ -525,7 +525,7 @@ def test_step_exception_fails_requests_with_500_and_server_keeps_serving(srv):
                 )
             )
     finally:
-        srv.bridge.call(lambda e: delattr(e.runner, "decode"))
+        srv.bridge.call(lambda e: delattr(e.runner, "run"))
     assert srv.bridge.snapshot.num_failed - failed_before == 2
     ok = _post(srv.url, "completions", body={**CMPL, "max_tokens": 8})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
