@@ -13,12 +13,14 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import TypeVar
 
 from jaxserve.config import EngineConfig, ServerConfig, load_config, replace
 from jaxserve.errors import JaxserveError, ModelNotFoundError, UnsupportedModelError
 from jaxserve.request import SamplingParams
 
 EXIT_USAGE = 2  # bad model, config or parameters
+T = TypeVar("T")
 _request_ids = itertools.count()
 
 
@@ -94,26 +96,31 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
     )
 
 
+def _flag(value: T | None, default: T) -> T:
+    return default if value is None else value
+
+
 def server_config(args: argparse.Namespace, cfg: EngineConfig) -> ServerConfig:
     """The TOML's [server] table overridden by flags, the API key also by JAXSERVE_API_KEY."""
     s = cfg.server
     return dataclasses.replace(
         s,
         host=args.host or s.host,
-        port=args.port if args.port is not None else s.port,
+        port=_flag(args.port, s.port),
         api_key=args.api_key or os.environ.get("JAXSERVE_API_KEY") or s.api_key,
         served_model_name=args.served_model_name or s.served_model_name,
-        shutdown_timeout_s=(
-            args.shutdown_timeout if args.shutdown_timeout is not None else s.shutdown_timeout_s
-        ),
+        shutdown_timeout_s=_flag(args.shutdown_timeout, s.shutdown_timeout_s),
+        max_request_body_bytes=_flag(args.max_request_body_bytes, s.max_request_body_bytes),
+        max_prompt_chars=_flag(args.max_prompt_chars, s.max_prompt_chars),
+        max_connections=_flag(args.max_connections, s.max_connections),
+        keep_alive_timeout_s=_flag(args.keep_alive_timeout, s.keep_alive_timeout_s),
     )
 
 
 # ---- commands ----------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from jaxserve.server import Bridge, create_app
+    from jaxserve.server.connection import ServeConfig
     from jaxserve.server.shutdown import GracefulServer
 
     cfg, spec = _engine_config(args)
@@ -121,14 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = _load_engine(cfg, warmup=False)
     bridge = Bridge(engine)
     app = create_app(bridge, server_cfg, spec)
-    config = uvicorn.Config(
-        app,
-        host=server_cfg.host,
-        port=server_cfg.port,
-        lifespan="off",
-        log_level=args.log_level,
-        timeout_graceful_shutdown=int(server_cfg.shutdown_timeout_s) + 5,
-    )
+    config = ServeConfig(app, server_cfg, log_level=args.log_level)
     server = GracefulServer(config, bridge, server_cfg.shutdown_timeout_s)
     warmup_error: list[Exception] = []
 
@@ -220,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, help="waiting queue bound; beyond it, 429")
     serve.add_argument(
         "--shutdown-timeout", type=float, help="seconds in-flight requests get after SIGTERM"
+    )
+    serve.add_argument("--max-request-body-bytes", type=int, help="larger bodies get 413")
+    serve.add_argument(
+        "--max-prompt-chars", type=int, help="prompt characters per request; beyond, 400"
+    )
+    serve.add_argument("--max-connections", type=int, help="open connections; beyond, 503")
+    serve.add_argument(
+        "--keep-alive-timeout", type=float, help="seconds an idle connection is kept open"
     )
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)

@@ -98,14 +98,30 @@ def resolve_for_platform(cfg: SchedulerConfig, platform: str) -> SchedulerConfig
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """HTTP front end."""
+    """HTTP front end, and what one request or connection may cost it (README: Limits)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
     served_model_name: str | None = None
-    max_stop_strings: int = 16
     shutdown_timeout_s: float = 30.0
+    # Per request, checked before any tokenizing or engine work: 400 (the body: 413).
+    max_request_body_bytes: int = 8 * 1024 * 1024  # counted as it arrives, chunked or not
+    max_prompt_chars: int = 1_000_000  # all prompts or chat messages of a request, ~250k tokens
+    max_prompt_tokens: int = 262_144  # summed over a batch; each prompt is also < max_model_len
+    max_prompts_per_request: int = 128  # a /v1/completions batch
+    max_n: int = 128  # choices per prompt
+    max_choices_per_request: int = 128  # prompts x n (engine requests); also <= max_waiting
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256  # each stop string is matched on the engine thread
+    # Per connection, so a slow or idle client cannot hold one forever.
+    header_read_timeout_s: float = 10.0  # connect (or a next request's first byte) -> headers
+    body_read_timeout_s: float = 60.0  # headers -> whole body, else 408 (8 MiB at 140 kB/s)
+    keep_alive_timeout_s: float = 5.0  # idle between requests (behind a proxy: above its own)
+    max_header_bytes: int = 16 * 1024  # request line + headers, else 431
+    # Beyond this, 503; above max_waiting + max_running_requests so the engine's 429 comes first.
+    max_connections: int = 2048
+    offload_threads: int = 4  # tokenizing, chat templates, big responses: off the event loop
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,12 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,7 +25,6 @@ import httpx
 import jax
 import openai
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from jaxserve.config import ServerConfig
@@ -35,17 +32,11 @@ from jaxserve.llm import LLM
 from jaxserve.request import SamplingParams
 from jaxserve.server import Bridge, create_app
 from tests.conftest import TEST_CONFIG, assert_engine_idle
+from tests.http_server import MODEL, assert_error, free_port, run_server
 
-MODEL = "smollm2-135m"
 API_KEY = "test-key-123"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was"]
 CHAT = [{"role": "user", "content": "What is 2 + 2? Answer briefly."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -73,25 +64,6 @@ class Server:
         while not self.bridge.call(idle) and time.monotonic() < deadline:
             time.sleep(0.05)
         self.bridge.call(assert_engine_idle)
-
-
-@contextmanager
-def run_server(bridge: Bridge, server_cfg: ServerConfig) -> Iterator[str]:
-    port = free_port()
-    app = create_app(bridge, server_cfg, MODEL)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -305,19 +277,6 @@ def _post(url: str, path: str, content: bytes | str | None = None, body: object 
         content = json.dumps(body)
     headers = {"Content-Type": "application/json", **kw.pop("headers", {})}
     return httpx.post(f"{url}/v1/{path}", content=content, headers=headers, timeout=60, **kw)
-
-
-def assert_error(
-    r: httpx.Response, status: int, param: str | None = None, code: str | None = None
-) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if param is not None:
-        assert err["param"] == param, err
-    if code is not None:
-        assert err["code"] == code, err
-    return err
 
 
 CMPL = {"model": MODEL, "prompt": "Hi", "max_tokens": 4}

@@ -16,8 +16,10 @@ from jaxserve.server.bridge import Bridge
 from jaxserve.server.chat import create_chat_completion
 from jaxserve.server.completions import create_completion
 from jaxserve.server.errors import APIError, install_error_handlers
+from jaxserve.server.offload import Offload
 from jaxserve.server.params import Limits
 from jaxserve.server.protocol import ModelCard, ModelList
+from jaxserve.server.request_limits import RequestLimits
 
 
 def _auth(api_key: str | None):
@@ -46,6 +48,13 @@ def create_app(bridge: Bridge, server_cfg: ServerConfig, model_name: str) -> Fas
     """The app over a bridge that may still be warming up (`/health` says 503 until ready)."""
     app = FastAPI(title="jaxserve", version="0.1.0")
     install_error_handlers(app)
+    app.add_middleware(
+        RequestLimits,
+        max_header_bytes=server_cfg.max_header_bytes,
+        max_body_bytes=server_cfg.max_request_body_bytes,
+        body_timeout_s=server_cfg.body_read_timeout_s,
+    )
+    offload = Offload(server_cfg.offload_threads)
     names = tuple(dict.fromkeys(n for n in (server_cfg.served_model_name, model_name) if n))
 
     def limits() -> Limits:
@@ -58,10 +67,12 @@ def create_app(bridge: Bridge, server_cfg: ServerConfig, model_name: str) -> Fas
                 code="not_ready",
                 headers={"Retry-After": "5"},
             )
+        scheduler = bridge.engine.cfg.scheduler
         return Limits(
             model_names=names,
-            max_model_len=bridge.engine.cfg.scheduler.max_model_len,
-            max_stop_strings=server_cfg.max_stop_strings,
+            max_model_len=scheduler.max_model_len,
+            max_waiting=scheduler.max_waiting,
+            server=server_cfg,
         )
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth(server_cfg.api_key))])
@@ -73,11 +84,11 @@ def create_app(bridge: Bridge, server_cfg: ServerConfig, model_name: str) -> Fas
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
-        return await create_completion(request, bridge, limits())
+        return await create_completion(request, bridge, limits(), offload)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await create_chat_completion(request, bridge, limits())
+        return await create_chat_completion(request, bridge, limits(), offload)
 
     app.include_router(v1)
 

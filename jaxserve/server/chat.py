@@ -13,9 +13,10 @@ from fastapi.responses import Response
 
 from jaxserve.errors import InvalidRequestError
 from jaxserve.server.bridge import Bridge
-from jaxserve.server.completions import CLIENT_GONE
+from jaxserve.server.errors import CLIENT_GONE
 from jaxserve.server.generation import EventStream, Generation, sse, sse_error
 from jaxserve.server.logprobs import chat_logprobs
+from jaxserve.server.offload import Offload
 from jaxserve.server.params import (
     Limits,
     chat_prompt,
@@ -39,7 +40,9 @@ if TYPE_CHECKING:
     from jaxserve.weights import Tokenizer
 
 
-async def create_chat_completion(request: Request, bridge: Bridge, limits: Limits) -> Response:
+async def create_chat_completion(
+    request: Request, bridge: Bridge, limits: Limits, offload: Offload
+) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
     check_request(body, limits)
     if body.top_logprobs is not None and not body.logprobs:
@@ -47,7 +50,7 @@ async def create_chat_completion(request: Request, bridge: Bridge, limits: Limit
     num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     assert bridge.engine is not None
     tokenizer = bridge.engine.tokenizer
-    prompt_ids = chat_prompt(body.messages, tokenizer)
+    prompt_ids = await offload.run(chat_prompt, body.messages, tokenizer, limits)
     max_tokens = (
         body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     )
@@ -64,6 +67,12 @@ async def create_chat_completion(request: Request, bridge: Bridge, limits: Limit
         return Response(status_code=CLIENT_GONE)
     if (err := gen.first_error()) is not None:
         raise err
+    content = await offload.run(_response_json, gen, model, tokenizer, body.logprobs)
+    return Response(content, media_type="application/json")
+
+
+def _response_json(gen: Generation, model: str, tokenizer: Tokenizer, logprobs: bool) -> str:
+    """The whole response; off the event loop, as logprobs decode a token per entry."""
     response = ChatCompletionResponse(
         id=gen.id,
         model=model,
@@ -73,12 +82,12 @@ async def create_chat_completion(request: Request, bridge: Bridge, limits: Limit
                 index=c.index,
                 message=AssistantMessage(content=c.text),
                 finish_reason=c.finish_reason,
-                logprobs=chat_logprobs(tokenizer, c.logprobs) if body.logprobs else None,
+                logprobs=chat_logprobs(tokenizer, c.logprobs) if logprobs else None,
             )
             for c in gen.choices
         ],
     )
-    return Response(response.model_dump_json(), media_type="application/json")
+    return response.model_dump_json()
 
 
 async def _stream(

@@ -13,16 +13,19 @@ from fastapi.responses import Response
 
 from jaxserve.errors import InvalidRequestError
 from jaxserve.server.bridge import Bridge
+from jaxserve.server.errors import CLIENT_GONE
 from jaxserve.server.generation import EventStream, Generation, sse, sse_error
 from jaxserve.server.logprobs import completion_logprobs
+from jaxserve.server.offload import Offload
 from jaxserve.server.params import (
     COMPLETION_DEFAULT_MAX_TOKENS,
     Limits,
+    check_prompt_size,
     check_request,
     completion_prompts,
     num_prompts,
-    parse_body,
     per_choice,
+    read_json,
     sampling_params,
 )
 from jaxserve.server.protocol import (
@@ -36,11 +39,13 @@ from jaxserve.server.protocol import (
 if TYPE_CHECKING:
     from jaxserve.weights import Tokenizer
 
-CLIENT_GONE = 499  # nginx's "client closed request"; nobody reads it
 
-
-async def create_completion(request: Request, bridge: Bridge, limits: Limits) -> Response:
-    body = await parse_body(request, CompletionRequest)
+async def create_completion(
+    request: Request, bridge: Bridge, limits: Limits, offload: Offload
+) -> Response:
+    data = await read_json(request)
+    check_prompt_size(data.get("prompt"), limits)
+    body = CompletionRequest.model_validate(data)
     check_request(body, limits, num_prompts(body.prompt))
     if body.echo:
         raise InvalidRequestError("echo=true is not supported", param="echo")
@@ -49,7 +54,8 @@ async def create_completion(request: Request, bridge: Bridge, limits: Limits) ->
     assert bridge.engine is not None
     tokenizer = bridge.engine.tokenizer
     choices = []
-    for p, prompt_ids in enumerate(completion_prompts(body.prompt, tokenizer)):
+    prompts = await offload.run(completion_prompts, body.prompt, tokenizer, limits)
+    for p, prompt_ids in enumerate(prompts):
         params = sampling_params(
             body,
             len(prompt_ids),
@@ -69,6 +75,12 @@ async def create_completion(request: Request, bridge: Bridge, limits: Limits) ->
         return Response(status_code=CLIENT_GONE)
     if (err := gen.first_error()) is not None:
         raise err
+    content = await offload.run(_response_json, gen, model, tokenizer, body.logprobs)
+    return Response(content, media_type="application/json")
+
+
+def _response_json(gen: Generation, model: str, tokenizer: Tokenizer, logprobs: int | None) -> str:
+    """The whole response; off the event loop, as logprobs decode a token per entry."""
     response = CompletionResponse(
         id=gen.id,
         model=model,
@@ -78,14 +90,12 @@ async def create_completion(request: Request, bridge: Bridge, limits: Limits) ->
                 index=c.index,
                 text=c.text,
                 finish_reason=c.finish_reason,
-                logprobs=None
-                if body.logprobs is None
-                else completion_logprobs(tokenizer, c.logprobs),
+                logprobs=None if logprobs is None else completion_logprobs(tokenizer, c.logprobs),
             )
             for c in gen.choices
         ],
     )
-    return Response(response.model_dump_json(), media_type="application/json")
+    return response.model_dump_json()
 
 
 async def _stream(

@@ -9,9 +9,10 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from jaxserve.errors import ContextLengthError, InvalidRequestError, JaxserveError, QueueFullError
 from jaxserve.server.bridge import EngineUnavailableError
@@ -20,6 +21,7 @@ from jaxserve.server.protocol import ErrorInfo, ErrorResponse
 log = logging.getLogger("jaxserve.server")
 
 RETRY_AFTER_S = 1
+CLIENT_GONE = 499  # nginx's "client closed request"; nobody reads it
 
 
 class APIError(Exception):
@@ -106,6 +108,10 @@ async def _engine_error(_: Request, exc: Exception) -> JSONResponse:
     return from_engine_error(exc).response()
 
 
+async def _client_gone(_: Request, exc: Exception) -> Response:
+    return Response(status_code=CLIENT_GONE)  # left mid-body: nothing to log, nobody to tell
+
+
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error in a route", exc_info=exc)
     return from_engine_error(exc).response()
@@ -117,4 +123,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(JaxserveError, _engine_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unexpected)

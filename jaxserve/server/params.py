@@ -1,5 +1,5 @@
 """OpenAI request fields -> prompt token ids and engine `SamplingParams`, with the checks
-that need the serving limits (model name, n, stop count, context length).
+that need the serving limits (model name, n, stops, prompt sizes, context length).
 """
 
 from __future__ import annotations
@@ -7,11 +7,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel
 
+from jaxserve.config import ServerConfig
 from jaxserve.errors import ContextLengthError, InvalidRequestError
 from jaxserve.request import SamplingParams
 from jaxserve.server.errors import APIError
@@ -21,18 +22,22 @@ if TYPE_CHECKING:
     from jaxserve.weights import Tokenizer
 
 M = TypeVar("M", bound=BaseModel)
-MAX_CHOICES = 128  # prompts x n in one HTTP request
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 @dataclass(frozen=True)
 class Limits:
+    """What one request may ask for: the server's limits, the engine's context and queue."""
+
     model_names: tuple[str, ...]
     max_model_len: int
-    max_stop_strings: int
+    max_waiting: int  # a request with more choices than this could never be queued
+    server: ServerConfig
 
 
 def check_request(req: SamplingFields, limits: Limits, num_prompts: int = 1) -> None:
+    """Everything knowable before tokenizing; runs before any work, so 400 comes before 429."""
+    s = limits.server
     if req.model is not None and req.model not in limits.model_names:
         raise APIError(
             404,
@@ -41,16 +46,32 @@ def check_request(req: SamplingFields, limits: Limits, num_prompts: int = 1) -> 
             param="model",
             code="model_not_found",
         )
-    if not 1 <= req.n <= MAX_CHOICES:
-        raise InvalidRequestError(f"n={req.n} must be in [1, {MAX_CHOICES}]", param="n")
-    if req.n * num_prompts > MAX_CHOICES:
+    if not 1 <= req.n <= s.max_n:
+        raise InvalidRequestError(f"n={req.n} must be in [1, {s.max_n}] (max_n)", param="n")
+    choices = req.n * num_prompts
+    if choices > s.max_choices_per_request:
         raise InvalidRequestError(
-            f"{num_prompts} prompts x n={req.n} exceeds {MAX_CHOICES} choices", param="n"
+            f"{num_prompts} prompts x n={req.n} exceeds {s.max_choices_per_request} choices "
+            "(max_choices_per_request)",
+            param="n",
+        )
+    if choices > limits.max_waiting:  # a 429 would be retried forever
+        raise InvalidRequestError(
+            f"{num_prompts} prompts x n={req.n} is more than the {limits.max_waiting} requests "
+            "the server ever queues (max_waiting)",
+            param="n",
         )
     stops = stop_strings(req)
-    if len(stops) > limits.max_stop_strings:
+    if len(stops) > s.max_stop_strings:
         raise InvalidRequestError(
-            f"{len(stops)} stop strings; at most {limits.max_stop_strings}", param="stop"
+            f"{len(stops)} stop strings; at most {s.max_stop_strings}", param="stop"
+        )
+    longest = max(map(len, stops), default=0)
+    if longest > s.max_stop_string_chars:
+        raise InvalidRequestError(
+            f"a stop string of {longest} characters; at most {s.max_stop_string_chars} "
+            "(max_stop_string_chars)",
+            param="stop",
         )
     if req.stream_options is not None and not req.stream:
         raise InvalidRequestError("stream_options needs stream=true", param="stream_options")
@@ -114,16 +135,63 @@ def _pick(value, default):
 
 
 # ---- prompts -----------------------------------------------------------------------------
+def check_prompt_size(prompt: Any, limits: Limits) -> None:
+    """Counts on the raw JSON `prompt`, before pydantic walks a list of maybe millions of ids.
+
+    Only the first element decides the shape (as `num_prompts` does); pydantic then rejects
+    mixed lists, so whatever passes both was counted exactly.
+    """
+    s = limits.server
+    if isinstance(prompt, str):
+        _check_chars(len(prompt), s, "prompt")
+        return
+    if not isinstance(prompt, list) or not prompt:
+        return  # pydantic or `completion_prompts` names the problem
+    if isinstance(prompt[0], int):  # one prompt of token ids
+        _check_tokens(len(prompt), s, "prompt")
+        return
+    if len(prompt) > s.max_prompts_per_request:
+        raise InvalidRequestError(
+            f"{len(prompt)} prompts in one request; at most {s.max_prompts_per_request} "
+            "(max_prompts_per_request)",
+            param="prompt",
+        )
+    _check_chars(sum(len(p) for p in prompt if isinstance(p, str)), s, "prompt")
+    _check_tokens(sum(len(p) for p in prompt if isinstance(p, list)), s, "prompt")
+
+
+def _check_chars(num_chars: int, s: ServerConfig, param: str) -> None:
+    if num_chars > s.max_prompt_chars:
+        raise InvalidRequestError(
+            f"{param} has {num_chars} characters; at most {s.max_prompt_chars} (max_prompt_chars)",
+            param=param,
+        )
+
+
+def _check_tokens(num_tokens: int, s: ServerConfig, param: str) -> None:
+    if num_tokens > s.max_prompt_tokens:
+        raise InvalidRequestError(
+            f"{param} has {num_tokens} tokens; at most {s.max_prompt_tokens} in one request "
+            "(max_prompt_tokens)",
+            param=param,
+        )
+
+
 def encode(tokenizer: Tokenizer, text: str, param: str) -> list[int]:
     try:
         text.encode("utf-8")  # lone surrogates from JSON escapes such as "\ud800" fail here
     except UnicodeError as exc:
         raise InvalidRequestError(f"{param} is not valid Unicode: {exc}", param=param) from exc
-    return tokenizer.encode(text)
+    # Same ids as `tokenizer.encode`, but the batch call releases the GIL while it runs, so
+    # the event loop keeps serving during a long prompt (`encode` holds it throughout).
+    return tokenizer.backend.encode_batch([text], add_special_tokens=False)[0].ids
 
 
-def completion_prompts(prompt: str | list, tokenizer: Tokenizer) -> list[list[int]]:
-    """A string, strings, token ids or lists of token ids -> one token list per prompt."""
+def completion_prompts(prompt: str | list, tokenizer: Tokenizer, limits: Limits) -> list[list[int]]:
+    """A string, strings, token ids or lists of token ids -> one token list per prompt.
+
+    Tokenizes: call it off the event loop (`Offload.run`).
+    """
     if isinstance(prompt, str):
         prompts = [encode(tokenizer, prompt, "prompt")]
     elif not prompt:
@@ -138,13 +206,28 @@ def completion_prompts(prompt: str | list, tokenizer: Tokenizer) -> list[list[in
         if not ids:
             which = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
             raise InvalidRequestError(f"{which} is empty (no tokens)", param="prompt")
+    _check_tokens(sum(map(len, prompts)), limits.server, "prompt")
     return prompts
 
 
-def chat_prompt(messages: list[ChatMessage], tokenizer: Tokenizer) -> list[int]:
-    """Render the model's chat template (with the assistant turn opened) and tokenize it."""
+def message_chars(messages: list[ChatMessage]) -> int:
+    total = 0
+    for m in messages:
+        if isinstance(m.content, str):
+            total += len(m.content)
+        elif m.content is not None:
+            total += sum(len(part.text) for part in m.content)
+    return total
+
+
+def chat_prompt(messages: list[ChatMessage], tokenizer: Tokenizer, limits: Limits) -> list[int]:
+    """Render the model's chat template (with the assistant turn opened) and tokenize it.
+
+    Renders and tokenizes: call it off the event loop (`Offload.run`).
+    """
     if not messages:
         raise InvalidRequestError("messages must not be empty", param="messages")
+    _check_chars(message_chars(messages), limits.server, "messages")
     rendered = []
     for m in messages:
         content = m.content
@@ -152,6 +235,8 @@ def chat_prompt(messages: list[ChatMessage], tokenizer: Tokenizer) -> list[int]:
             content = "\n".join(part.text for part in content)
         rendered.append({**(m.model_extra or {}), "role": m.role, "content": content or ""})
     text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
+    # Extra message fields reach the template too: bound what the tokenizer gets.
+    _check_chars(len(text), limits.server, "messages")
     return encode(tokenizer, text, "messages")
 
 
@@ -166,8 +251,8 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def parse_body(request: Request, model: type[M]) -> M:
-    """Strict UTF-8, strict JSON (no NaN), an object, then the pydantic model (422 on types)."""
+async def read_json(request: Request) -> dict[str, Any]:
+    """Strict UTF-8, strict JSON (no NaN), and an object."""
     raw = await request.body()
     try:
         text = raw.decode("utf-8")
@@ -185,4 +270,9 @@ async def parse_body(request: Request, model: type[M]) -> M:
             f"request body must be a JSON object, not {type(data).__name__}",
             code="invalid_json",
         )
-    return model.model_validate(data)
+    return data
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """`read_json`, then the pydantic model (422 on types)."""
+    return model.model_validate(await read_json(request))
