@@ -132,6 +132,10 @@ class EngineConfig:
     cache_dir: str | None = None  # where presets are fetched to; None = ~/.cache/jaxserve
     dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on GPU/TPU
     attention_impl: str | None = None  # None = by backend; "reference" | "pallas" | "interpret"
+    # Matmul weights: "none" (exact, matches transformers), "bf16", or "int8" (steps of at most
+    # int8_max_rows rows, bf16 above). Approximate options; errors in docs/benchmarks.md.
+    quantization: str = "none"
+    int8_max_rows: int = 16
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -18,6 +18,7 @@ import numpy as np
 import kernels
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.models import llama
+from jaxserve.quant import QuantPlan
 from jaxserve.sampling import SampleOutput, SamplingRows, sample
 from jaxserve.state import (
     SEQ_SAMPLING_FIELDS,
@@ -56,7 +57,9 @@ class Runner:
         self.page_size = cfg.cache.page_size
         self.num_compiles = 0
         self.impl = kernels.resolve_impl(cfg.attention_impl)
-        self.params = jax.tree.map(lambda a: jnp.asarray(a, self.dtype), params)
+        params = jax.tree.map(lambda a: jnp.asarray(a, self.dtype), params)
+        self.quant = QuantPlan.from_config(cfg.quantization, cfg.int8_max_rows)
+        self.param_sets = self.quant.build(params)  # kind -> params, only the kinds in use
         kv_dtype = self.dtype if cfg.cache.dtype == "auto" else jnp.dtype(cfg.cache.dtype)
         self.kv = llama.init_kv_cache(model_cfg, cfg.cache.num_pages, self.page_size, kv_dtype)
         self.slots = init_slot_state(cfg.scheduler.max_running_requests, model_cfg.vocab_size)
@@ -72,7 +75,9 @@ class Runner:
         Result rows: the decode batch's n slots first, then the prefill batch's S sequences.
         """
         t0 = time.perf_counter()
-        self.kv, self.slots, out = self._step_fn(self.params, self.kv, self.slots, decode, prefill)
+        rows = sum(len(b.positions) for b in (decode, prefill) if b is not None)
+        params = self.param_sets[self.quant.kind_for(rows)]
+        self.kv, self.slots, out = self._step_fn(params, self.kv, self.slots, decode, prefill)
         return self._to_host(out, t0)
 
     def permute_slots(self, perm: np.ndarray) -> None:

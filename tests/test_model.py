@@ -14,7 +14,7 @@ from tests.fake_model import FakeTokenizer
 from tests.tiny_model import TINY, dense_logits, tiny_params
 
 
-def tiny_llm(**sched) -> LLM:
+def tiny_llm(quantization: str = "none", **sched) -> LLM:
     sched = {
         "max_running_requests": 4,
         "max_prefill_tokens": 64,
@@ -25,7 +25,9 @@ def tiny_llm(**sched) -> LLM:
         **sched,
     }
     cfg = EngineConfig(
-        cache=CacheConfig(page_size=4, num_pages=64), scheduler=SchedulerConfig(**sched)
+        cache=CacheConfig(page_size=4, num_pages=64),
+        scheduler=SchedulerConfig(**sched),
+        quantization=quantization,
     )
     params = tiny_params()
     engine = Engine(cfg, TINY, FakeTokenizer(), Runner(TINY, params, cfg))
@@ -87,6 +89,7 @@ def test_no_compilation_after_warmup(tiny):
 def test_chunked_prefill_and_batch_invariance(tiny):
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     alone = [tiny.generate_tokens([p], params)[0].token_ids for p in PROMPTS]
+    tiny.engine.scheduler.prefix_cache.clear()  # "together" prefills every prompt in full
     together = [o.token_ids for o in tiny.generate_tokens(PROMPTS * 3, params)]
     assert together == alone * 3
     chunked = tiny_llm(max_prefill_tokens=16, prefill_buckets=(16,))
@@ -121,3 +124,32 @@ def test_pallas_kernels_in_interpret_mode_give_the_same_greedy_output(tiny):
     got = [o.token_ids for p in (PROMPTS, later) for o in llm.generate_tokens(p, params)]
     assert engine.scheduler.prefix_cache.hits > 0
     assert got == want
+
+
+def dense_logprobs(seq: list[int], start: int) -> np.ndarray:
+    """Float log-softmax of the dense model at positions start-1 .. len(seq)-2."""
+    logits = dense_logits(tiny_params(), TINY, seq)[start - 1 : -1]
+    m = logits.max(-1, keepdims=True)
+    return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize(("quantization", "tol"), [("bf16", 0.05), ("int8", 0.2)])
+def test_quantized_weights_stay_close_to_the_dense_float_model(quantization, tol):
+    """bf16 / int8 matmuls (an option, never the default): every step's logprobs within a
+    measured tolerance of the float model on the same tokens; int8 runs int8 in small steps
+    and bf16 in large ones; nothing compiles after warm-up."""
+    llm = tiny_llm(quantization=quantization)
+    runner = llm.engine.runner
+    assert set(runner.param_sets) == ({"int8", "bf16"} if quantization == "int8" else {"bf16"})
+    before = runner.num_compiles
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=1)
+    outs = llm.generate_tokens(PROMPTS, params)
+    assert runner.num_compiles == before
+    worst = 0.0
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        want = dense_logprobs(prompt + out.token_ids, len(prompt))
+        got = np.array([t.logprob for t in out.logprobs])
+        worst = max(worst, float(np.abs(got - want[np.arange(len(got)), out.token_ids]).max()))
+    assert 0 < worst < tol  # approximate, yet close
+    if quantization == "int8":
+        assert runner.quant.kind_for(4) == "int8" and runner.quant.kind_for(64) == "bf16"

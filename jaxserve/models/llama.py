@@ -1,7 +1,8 @@
 """Llama-family transformer (RMSNorm, RoPE incl. llama3 scaling, GQA, SwiGLU) as pure functions.
 
-Parameters are Flax struct dataclasses (pytrees); attention goes through `kernels`. The model
-knows nothing about requests or slots: it maps token rows + positions + a paged cache to logits.
+Parameters are Flax struct dataclasses (pytrees); attention goes through `kernels`, every matmul
+through `quant.dense`, so projection weights may be float, bf16 or int8 (`quant.quantize_params`).
+The model knows nothing about requests or slots: token rows + positions + a paged cache -> logits.
 """
 
 from __future__ import annotations
@@ -15,19 +16,20 @@ import jax.numpy as jnp
 
 import kernels
 from jaxserve.config import ModelConfig
+from jaxserve.quant import Weight, dense
 
 
 @flax.struct.dataclass
 class LayerParams:
     attn_norm: jax.Array  # [Dm]
-    wq: jax.Array  # [Dm, H * D]
-    wk: jax.Array  # [Dm, KVH * D]
-    wv: jax.Array  # [Dm, KVH * D]
-    wo: jax.Array  # [H * D, Dm]
+    wq: Weight  # [Dm, H * D]
+    wk: Weight  # [Dm, KVH * D]
+    wv: Weight  # [Dm, KVH * D]
+    wo: Weight  # [H * D, Dm]
     mlp_norm: jax.Array  # [Dm]
-    w_gate: jax.Array  # [Dm, F]
-    w_up: jax.Array  # [Dm, F]
-    w_down: jax.Array  # [F, Dm]
+    w_gate: Weight  # [Dm, F]
+    w_up: Weight  # [Dm, F]
+    w_down: Weight  # [F, Dm]
 
 
 @flax.struct.dataclass
@@ -35,7 +37,7 @@ class LlamaParams:
     embed: jax.Array  # [V, Dm]
     layers: tuple[LayerParams, ...]
     final_norm: jax.Array  # [Dm]
-    lm_head: jax.Array | None  # [Dm, V]; None = tied to embed
+    lm_head: Weight | None  # [Dm, V]; None = tied to embed (quantized params always have one)
 
 
 @flax.struct.dataclass
@@ -110,22 +112,22 @@ def forward(
     # Layers are unrolled: a scan carrying the whole cache copied it every step (FACTS.md).
     for i, lp in enumerate(params.layers):
         y = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
-        q = apply_rope((y @ lp.wq).reshape(n, h, d), positions, inv_freq)
-        k = apply_rope((y @ lp.wk).reshape(n, kvh, d), positions, inv_freq)
-        v = (y @ lp.wv).reshape(n, kvh, d)
+        q = apply_rope(dense(y, lp.wq).reshape(n, h, d), positions, inv_freq)
+        k = apply_rope(dense(y, lp.wk).reshape(n, kvh, d), positions, inv_freq)
+        v = dense(y, lp.wv).reshape(n, kvh, d)
         k_pages, v_pages = kernels.write_kv(kv.k[i], kv.v[i], k, v, slot_mapping)
         new_k.append(k_pages)
         new_v.append(v_pages)
         o = attend(q, k_pages, v_pages)
-        x = x + o.reshape(n, h * d) @ lp.wo
+        x = x + dense(o.reshape(n, h * d), lp.wo)
         y = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
-        x = x + (jax.nn.silu(y @ lp.w_gate) * (y @ lp.w_up)) @ lp.w_down
+        x = x + dense(jax.nn.silu(dense(y, lp.w_gate)) * dense(y, lp.w_up), lp.w_down)
     return rms_norm(x, params.final_norm, cfg.rms_norm_eps), KVCache(tuple(new_k), tuple(new_v))
 
 
 def lm_head(params: LlamaParams, hidden: jax.Array) -> jax.Array:  # [R, V] float32
     w = params.embed.T if params.lm_head is None else params.lm_head
-    return (hidden @ w).astype(jnp.float32)
+    return dense(hidden, w).astype(jnp.float32)
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
