@@ -7,12 +7,16 @@ A chain of page keys works like a radix tree cut at page boundaries (vLLM's bloc
 
 from __future__ import annotations
 
+import array
 import collections
+import hashlib
 
 from jaxserve.pages import PageAllocator
 
-# (key of the previous page, the page's tokens): exact on the tokens, hashed on the chain.
-PageKey = tuple[int, tuple[int, ...]]
+# (digest of every token before the page, the page's tokens): exact on the page's tokens and
+# sha256 over the prefix, so no crafted prompt can collide with another user's cached KV
+# (vLLM moved from Python's hash() to sha256 after CVE-2025-25183).
+PageKey = tuple[bytes, tuple[int, ...]]
 
 
 class PrefixCache:
@@ -20,20 +24,21 @@ class PrefixCache:
         self.allocator = allocator
         self.page_size = page_size
         self._pages: collections.OrderedDict[PageKey, int] = collections.OrderedDict()  # LRU
+        # Counted by the scheduler at admission (not per refused try), for /metrics:
         self.hits = 0  # tokens served from the cache
-        self.queries = 0  # tokens looked up
+        self.queries = 0  # tokens of the requests admitted while the cache is on
 
     @property
     def num_pages(self) -> int:
         return len(self._pages)
 
     def _keys(self, tokens: list[int], num_pages: int):
-        parent = 0
+        parent = b""
         ps = self.page_size
         for i in range(num_pages):
-            key = (parent, tuple(tokens[i * ps : (i + 1) * ps]))
-            yield key
-            parent = hash(key)
+            page = tuple(tokens[i * ps : (i + 1) * ps])
+            yield (parent, page)
+            parent = hashlib.sha256(parent + array.array("q", page).tobytes()).digest()
 
     def match(self, tokens: list[int], max_pages: int) -> list[int]:
         """Pages holding the longest cached prefix of `tokens` (at most `max_pages`)."""
@@ -44,7 +49,6 @@ class PrefixCache:
                 break
             self._pages.move_to_end(key)
             pages.append(page)
-        self.queries += len(tokens)
         return pages
 
     def peek(self, tokens: list[int], max_pages: int) -> int:

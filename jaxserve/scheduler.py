@@ -183,7 +183,6 @@ class Scheduler:
             self.waiting = collections.deque(
                 sorted(self.waiting, key=lambda r: -cache.peek(r.all_token_ids, r.num_tokens // ps))
             )
-        free_tokens = self._free_pages() * self.page_size - self._reserved_tokens()
         while self.waiting and budget > 0 and len(chunks) < cfg.max_prefill_seqs:
             if None not in self.slots:
                 break
@@ -191,6 +190,9 @@ class Scheduler:
             n = req.num_tokens
             left = req.params.max_tokens - len(req.output_token_ids)
             cached = self._match_prefix(req)
+            # After the match: its pages are locked now, so they no longer count as free.
+            # Requests admitted above hold their pages and reserve their future tokens.
+            free_tokens = self._free_pages() * self.page_size - self._reserved_tokens()
             need_pages = pages_for(n, self.page_size) - len(cached)
             # The reserve only applies while others run: a lone request always gets in.
             estimate = n - len(cached) * self.page_size + math.ceil(left * self.new_token_ratio)
@@ -213,10 +215,10 @@ class Scheduler:
             req.num_computed = req.num_cached = len(cached) * self.page_size
             if self.prefix_cache is not None:  # counted when admitted, not per refused try
                 self.prefix_cache.hits += req.num_cached
+                self.prefix_cache.queries += n
             req.state = RequestState.PREFILLING
             chunks.append(PrefillChunk(req, req.num_computed, length, is_first=True))
             budget -= _round_up(length, cfg.prefill_block)
-            free_tokens -= estimate
         return StepPlan(prefill=chunks)
 
     def _match_prefix(self, req: Request) -> list[int]:

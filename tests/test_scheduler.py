@@ -310,3 +310,46 @@ def test_tail_requests_move_down_to_low_slots(engines):
     # r3 started in slot 3 and finished in slot 0, its output unchanged by the move.
     assert e.stats.trace[-1] == ("decode", ("r3", None, None, None))
     assert out["r3"] == expected_tokens([4, 5], 9)
+
+
+def test_admission_does_not_count_matched_prefix_pages_twice():
+    """Matched cache pages are locked at admission: they stop being free (evictable) pages.
+
+    Counting them as free too admitted C here, and C's growth would force a retraction."""
+    from jaxserve.request import Request
+
+    cfg = SchedulerConfig(
+        max_running_requests=4, max_model_len=64, init_new_token_ratio=1.0, max_prefill_tokens=32
+    )
+    s = Scheduler(cfg, page_size=4, num_pages=16)
+    shared = list(range(1, 25))  # 6 full pages, cached once A is done
+    a = Request("a", shared, greedy(1))
+    s.add(a)
+    s.update(s.schedule(), [7])
+    assert a.finished and s.prefix_cache.num_evictable() == 6
+    b = Request("b", [50] * 8, greedy(20))  # holds 2 pages, reserves 20 future tokens
+    s.add(b)
+    s.update(s.schedule(), [7])
+    c = Request("c", shared + [9, 9, 9, 9], greedy(24))  # 6 cached pages + 1, 24 to come
+    s.add(c)
+    plan = s.schedule()  # b decodes (a 3rd page for position 8); can c come in beside it?
+    # Free after c's match: 7 pages (28 tokens) - b's 19 reserved = 9 < c's 4 + 24: c waits.
+    # Counting c's 6 matched pages as free as well gave 33 and admitted it.
+    assert c.state is RequestState.WAITING and all(ch.request is not c for ch in plan.prefill)
+    assert s.allocator.num_free + s.prefix_cache.num_evictable() == 13  # c's match released
+
+
+def test_prefix_cache_chains_pages_with_sha256_digests():
+    """Page keys chain a cryptographic digest, not Python's hash() (CVE-2025-25183)."""
+    import array
+    import hashlib
+
+    from jaxserve.pages import PageAllocator
+    from jaxserve.prefix_cache import PrefixCache
+
+    cache = PrefixCache(PageAllocator(8), page_size=2)
+    keys = list(cache._keys([1, 2, 3, 4, 5, 6], 3))
+    first = hashlib.sha256(array.array("q", [1, 2]).tobytes()).digest()
+    assert keys[0] == (b"", (1, 2))
+    assert keys[1] == (first, (3, 4))
+    assert keys[2][0] == hashlib.sha256(first + array.array("q", [3, 4]).tobytes()).digest()
