@@ -1,15 +1,18 @@
 """Turns a StepPlan into fixed-shape numpy batches: padding, buckets, page tables.
 
-This is the only place that knows how requests map onto padded device rows.
+This is the only place that knows how requests map onto padded device rows. With dp groups
+every group gets a batch of the same shape, with its own slots and page ids made local; the
+groups' batches are concatenated along the first axis (the runner splits them over `dp`).
 """
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from jaxserve.config import SchedulerConfig
 from jaxserve.request import Request
-from jaxserve.scheduler import PrefillChunk, _round_up
+from jaxserve.scheduler import PrefillChunk, StepPlan, _round_up
 from jaxserve.state import DecodeBatch, PrefillBatch, SeqSampling
 
 
@@ -26,21 +29,44 @@ def seed32(seed: int) -> int:
 
 
 class BatchBuilder:
-    def __init__(self, cfg: SchedulerConfig, page_size: int):
+    def __init__(self, cfg: SchedulerConfig, page_size: int, dp: int = 1, pages_per_group: int = 0):
         self.cfg = cfg
         self.page_size = page_size
-        self.num_slots = cfg.max_running_requests
+        self.num_slots = cfg.max_running_requests  # per dp group
+        self.dp = dp
+        self.pages_per_group = pages_per_group  # used only with dp > 1
         self.max_pages = -(-cfg.max_model_len // page_size)
         # Decode runs the first n slots for a few n; the largest is always all slots.
         self.decode_batch_buckets = tuple(
             sorted({b for b in cfg.decode_batch_buckets if b < self.num_slots} | {self.num_slots})
         )
 
+    def _group(self, req: Request) -> int:
+        return req.slot // self.num_slots
+
+    def _local_pages(self, req: Request, group: int) -> np.ndarray:
+        """A request's page ids within its dp group's range (the group's devices hold them)."""
+        pages = np.asarray(req.pages, np.int32) - group * self.pages_per_group
+        if self.dp > 1 and len(pages) and (pages.min() < 0 or pages.max() >= self.pages_per_group):
+            raise RuntimeError(
+                f"request {req.request_id} in slot {req.slot} (dp group {group}) has pages "
+                f"{req.pages} outside its group's range"
+            )
+        return pages
+
     def prefill(self, chunks: list[PrefillChunk]) -> PrefillBatch:
+        block = self.cfg.prefill_block
+        if self.dp == 1:
+            used = sum(_round_up(c.length, block) for c in chunks)
+            return self._prefill(chunks, smallest_bucket(used, self.cfg.prefill_buckets))
+        groups = [[c for c in chunks if self._group(c.request) == g] for g in range(self.dp)]
+        used = max(sum(_round_up(c.length, block) for c in cs) for cs in groups)
+        t = smallest_bucket(used, self.cfg.prefill_buckets)  # one shape for every group
+        return _concat([self._prefill(cs, t, g) for g, cs in enumerate(groups)])
+
+    def _prefill(self, chunks: list[PrefillChunk], t: int, group: int = 0) -> PrefillBatch:
         cfg, block = self.cfg, self.cfg.prefill_block
         s = cfg.max_prefill_seqs
-        used = sum(_round_up(c.length, block) for c in chunks)
-        t = smallest_bucket(used, cfg.prefill_buckets)
         tokens = np.zeros((t,), np.int32)
         positions = np.full((t,), -1, np.int32)
         token_seq = np.full((t,), s, np.int32)
@@ -62,11 +88,11 @@ class BatchBuilder:
             token_seq[off:end] = i
             n_prompt = len(req.prompt_token_ids)
             is_output[off:end] = positions[off:end] >= n_prompt
-            page_table[i, : len(req.pages)] = req.pages
+            page_table[i, : len(req.pages)] = self._local_pages(req, group)
             nxt = off + _round_up(c.length, block)
             block_seq[off // block : nxt // block] = i
             last_idx[i] = end - 1
-            seq_slot[i] = req.slot
+            seq_slot[i] = req.slot - group * self.num_slots
             is_first[i] = c.is_first
             do_sample[i] = c.is_last
             self._write_sampling(sampling, i, req)
@@ -98,15 +124,35 @@ class BatchBuilder:
         out.seed[i] = seed32(req.seed)
 
     def decode(self, reqs: list[Request]) -> DecodeBatch:
-        """Rows are slots 0..n-1, n the smallest batch bucket holding every running slot."""
-        n = smallest_bucket(max(r.slot for r in reqs) + 1, self.decode_batch_buckets)
-        positions = np.full((n,), -1, np.int32)
+        """Rows are slots 0..n-1, n the smallest batch bucket holding every running slot
+        (per dp group: its local slots 0..n-1, n from the fullest group)."""
+        local = [r.slot % self.num_slots for r in reqs]
+        n = smallest_bucket(max(local) + 1, self.decode_batch_buckets)
+        positions = np.full((self.dp, n), -1, np.int32)
         # Full width: attention walks only as many pages as the longest row needs.
-        page_table = np.zeros((n, self.max_pages), np.int32)
-        for r in reqs:
-            positions[r.slot] = r.num_computed  # the input token's position
-            page_table[r.slot, : len(r.pages)] = r.pages
-        return DecodeBatch(positions, page_table)
+        page_table = np.zeros((self.dp, n, self.max_pages), np.int32)
+        for r, slot in zip(reqs, local, strict=True):
+            g = self._group(r)
+            positions[g, slot] = r.num_computed  # the input token's position
+            page_table[g, slot, : len(r.pages)] = self._local_pages(r, g)
+        return DecodeBatch(positions.reshape(-1), page_table.reshape(self.dp * n, -1))
+
+    def result_rows(self, plan: StepPlan, decode_width: int) -> tuple[list[int], list[int]]:
+        """Rows of the step's result for the plan's prefill chunks and decode requests.
+
+        The result holds, per dp group, its n decode rows (one per local slot) and then one
+        row per prefill sequence slot; with one group: decode slots, then chunk i at n + i.
+        """
+        n = decode_width // self.dp
+        per_group = n + (self.cfg.max_prefill_seqs if plan.prefill else 0)
+        seen = [0] * self.dp
+        chunk_rows = []
+        for c in plan.prefill:
+            g = self._group(c.request)
+            chunk_rows.append(g * per_group + n + seen[g])
+            seen[g] += 1
+        decode_rows = [self._group(r) * per_group + r.slot % self.num_slots for r in plan.decode]
+        return chunk_rows, decode_rows
 
     def mixed_prefill_buckets(self) -> tuple[int, ...]:
         """Prefill buckets a MIXED step can use (none when mixing is off)."""
@@ -119,15 +165,21 @@ class BatchBuilder:
         """All-padding (decode, prefill) parts, one pair per compiled step function:
         every prefill bucket alone (EXTEND), every decode bucket alone (DECODE), and every
         decode bucket with every prefill bucket that fits a MIXED step."""
-        prefills = {t: self._empty_prefill(t) for t in self.cfg.prefill_buckets}
+        prefills = {t: self._prefill_padding(t) for t in self.cfg.prefill_buckets}
         decodes = [
-            DecodeBatch(np.full((n,), -1, np.int32), np.zeros((n, self.max_pages), np.int32))
+            DecodeBatch(
+                np.full((self.dp * n,), -1, np.int32),
+                np.zeros((self.dp * n, self.max_pages), np.int32),
+            )
             for n in self.decode_batch_buckets
         ]
         pairs: list[tuple[DecodeBatch | None, PrefillBatch | None]]
         pairs = [(None, p) for p in prefills.values()] + [(d, None) for d in decodes]
         pairs += [(d, prefills[t]) for d in decodes for t in self.mixed_prefill_buckets()]
         return pairs
+
+    def _prefill_padding(self, t: int) -> PrefillBatch:
+        return _concat([self._empty_prefill(t) for _ in range(self.dp)])
 
     def _empty_prefill(self, t: int) -> PrefillBatch:
         s, block = self.cfg.max_prefill_seqs, self.cfg.prefill_block
@@ -144,3 +196,10 @@ class BatchBuilder:
             np.zeros((s,), np.bool_),
             SeqSampling.empty(s),
         )
+
+
+def _concat(batches: list[PrefillBatch]) -> PrefillBatch:
+    """The dp groups' batches, one after the other along every field's first axis."""
+    if len(batches) == 1:
+        return batches[0]
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *batches)

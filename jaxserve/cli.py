@@ -1,26 +1,26 @@
-"""Command line: `jaxserve serve` (OpenAI-compatible HTTP server), `generate` and `chat`.
+"""Command line: `jaxserve serve` (OpenAI-compatible HTTP server), `generate`, `chat`, `bench`.
 
+Every config key is also a flag (`jaxserve/flags.py`): flag > environment > TOML > defaults.
 Environment variables are read here only: JAXSERVE_API_KEY, JAXSERVE_CACHE (model cache dir).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import os
 import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import TypeVar
 
-from jaxserve.config import EngineConfig, ServerConfig, load_config, replace
+from jaxserve.bench import BenchError, add_bench_parser
+from jaxserve.config import EngineConfig, ServerConfig, dump_toml, load_config
 from jaxserve.errors import JaxserveError, ModelNotFoundError, UnsupportedModelError
+from jaxserve.flags import add_config_flags, apply_overrides, given_flags
 from jaxserve.request import SamplingParams
 
 EXIT_USAGE = 2  # bad model, config or parameters
-T = TypeVar("T")
 _request_ids = itertools.count()
 
 
@@ -30,17 +30,20 @@ class UserError(Exception):
 
 # ---- shared set-up -----------------------------------------------------------------------
 def _engine_config(args: argparse.Namespace) -> tuple[EngineConfig, str]:
-    """The config with CLI overrides, and the model's display name."""
+    """The TOML file, then the environment, then the flags given; and the model's name."""
     try:
         cfg = load_config(args.config)
     except (OSError, ValueError, TypeError) as exc:
         raise UserError(f"cannot read config {args.config!r}: {exc}") from exc
-    if args.model:
-        cfg = replace(cfg, model=args.model)
+    env = {}
     if os.environ.get("JAXSERVE_CACHE"):  # where presets are fetched to and read from
-        cfg = replace(cfg, cache_dir=os.environ["JAXSERVE_CACHE"])
-    if getattr(args, "max_waiting", None) is not None:
-        cfg = replace(cfg, scheduler={"max_waiting": args.max_waiting})
+        env["cache_dir"] = os.environ["JAXSERVE_CACHE"]
+    if os.environ.get("JAXSERVE_API_KEY"):
+        env["server.api_key"] = os.environ["JAXSERVE_API_KEY"]
+    try:
+        cfg = apply_overrides(cfg, env | dict(given_flags(args)))
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"bad configuration: {exc}") from exc
     return cfg, cfg.model
 
 
@@ -96,25 +99,12 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
     )
 
 
-def _flag(value: T | None, default: T) -> T:
-    return default if value is None else value
-
-
 def server_config(args: argparse.Namespace, cfg: EngineConfig) -> ServerConfig:
-    """The TOML's [server] table overridden by flags, the API key also by JAXSERVE_API_KEY."""
-    s = cfg.server
-    return dataclasses.replace(
-        s,
-        host=args.host or s.host,
-        port=_flag(args.port, s.port),
-        api_key=args.api_key or os.environ.get("JAXSERVE_API_KEY") or s.api_key,
-        served_model_name=args.served_model_name or s.served_model_name,
-        shutdown_timeout_s=_flag(args.shutdown_timeout, s.shutdown_timeout_s),
-        max_request_body_bytes=_flag(args.max_request_body_bytes, s.max_request_body_bytes),
-        max_prompt_chars=_flag(args.max_prompt_chars, s.max_prompt_chars),
-        max_connections=_flag(args.max_connections, s.max_connections),
-        keep_alive_timeout_s=_flag(args.keep_alive_timeout, s.keep_alive_timeout_s),
-    )
+    """`cfg`'s [server] table with the [server] flags, the API key also by JAXSERVE_API_KEY."""
+    server_flags = {k: v for k, v in given_flags(args) if k.startswith("server.")}
+    if os.environ.get("JAXSERVE_API_KEY") and "server.api_key" not in server_flags:
+        server_flags["server.api_key"] = os.environ["JAXSERVE_API_KEY"]
+    return apply_overrides(cfg, server_flags).server
 
 
 # ---- commands ----------------------------------------------------------------------------
@@ -124,7 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from jaxserve.server.shutdown import GracefulServer
 
     cfg, spec = _engine_config(args)
-    server_cfg = server_config(args, cfg)
+    server_cfg = cfg.server
     engine = _load_engine(cfg, warmup=False)
     bridge = Bridge(engine)
     app = create_app(bridge, server_cfg, spec)
@@ -191,67 +181,81 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 # ---- argument parsing --------------------------------------------------------------------
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="preset name, .gguf file or Hugging Face directory")
+SAMPLING_FLAGS = frozenset({"--max-tokens", "--temperature", "--top-p", "--seed", "--stop"})
+
+
+def _common(
+    p: argparse.ArgumentParser, tables: tuple[str, ...], reserved: frozenset[str] = frozenset()
+) -> None:
     p.add_argument("--config", help="TOML config (default configs/smollm2-135m.toml)")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the merged config (file + environment + flags) as TOML and exit",
+    )
+    add_config_flags(p, tables, reserved)
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help="(default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.7, help="(default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0, help="(default: %(default)s)")
+    g.add_argument("--seed", type=int, help="sampling seed (default: drawn)")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    engine_tables = ("", "cache", "scheduler")
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    _common(serve)
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument(
-        "--api-key",
-        help="require 'Authorization: Bearer KEY' on /v1 routes (default $JAXSERVE_API_KEY)",
-    )
-    serve.add_argument("--served-model-name", help="model name clients use (default --model)")
-    serve.add_argument("--max-waiting", type=int, help="waiting queue bound; beyond it, 429")
-    serve.add_argument(
-        "--shutdown-timeout", type=float, help="seconds in-flight requests get after SIGTERM"
-    )
-    serve.add_argument("--max-request-body-bytes", type=int, help="larger bodies get 413")
-    serve.add_argument(
-        "--max-prompt-chars", type=int, help="prompt characters per request; beyond, 400"
-    )
-    serve.add_argument("--max-connections", type=int, help="open connections; beyond, 503")
-    serve.add_argument(
-        "--keep-alive-timeout", type=float, help="seconds an idle connection is kept open"
-    )
-    serve.add_argument("--log-level", default="info")
+    _common(serve, (*engine_tables, "server"))
+    serve.add_argument("--log-level", default="info", help="uvicorn's (default: %(default)s)")
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="complete one prompt and print it")
     gen.add_argument("prompt")
-    _common(gen)
     _sampling_args(gen, max_tokens=64)
+    _common(gen, engine_tables, SAMPLING_FLAGS)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="chat on stdin (or one --message)")
-    _common(chat)
     chat.add_argument("--message", help="send one message, print the reply, exit")
     chat.add_argument("--system", help="system prompt")
     _sampling_args(chat, max_tokens=256)
+    _common(chat, engine_tables, SAMPLING_FLAGS)
     chat.set_defaults(func=cmd_chat)
+
+    add_bench_parser(sub)
+    sim = sub.add_parser(
+        "simulate",
+        help="the real scheduler with a step-cost model instead of a device",
+        add_help=False,  # `jaxserve simulate --help` is the simulator's own
+    )
+    sim.set_defaults(func=cmd_simulate, pass_through=True)
     return parser
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from jaxserve.simulate.cli import main as simulate_main
+
+    return simulate_main(list(args.extra))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "pass_through", False):  # only `bench` forwards arguments
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
+        if getattr(args, "print_config", False):
+            print(dump_toml(_engine_config(args)[0]), end="")
+            return 0
         return args.func(args)
-    except (ModelNotFoundError, UnsupportedModelError, JaxserveError, UserError) as exc:
+    except (ModelNotFoundError, UnsupportedModelError, JaxserveError, UserError, BenchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -75,10 +75,12 @@ class Engine:
         self.model_cfg = model_cfg
         self.tokenizer = tokenizer
         self.runner = runner
+        # Data parallel: dp groups of slots, each with cache.num_pages pages of its own.
+        pages, dp = cfg.cache.num_pages, cfg.dp
         self.scheduler = Scheduler(
-            cfg.scheduler, cfg.cache.page_size, cfg.cache.num_pages, model_cfg.eos_token_ids
+            cfg.scheduler, cfg.cache.page_size, pages * dp, model_cfg.eos_token_ids, dp
         )
-        self.builder = BatchBuilder(cfg.scheduler, cfg.cache.page_size)
+        self.builder = BatchBuilder(cfg.scheduler, cfg.cache.page_size, dp, pages)
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._rng = np.random.default_rng(cfg.seed)
@@ -86,10 +88,14 @@ class Engine:
 
     @classmethod
     def from_config(cls, cfg: EngineConfig, warmup: bool = True) -> Engine:
+        from jaxserve.memory import size_kv_cache
         from jaxserve.runner import Runner
         from jaxserve.weights import load_model
 
-        loaded = load_model(cfg.model, Path(cfg.cache_dir) if cfg.cache_dir else None)
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
+        # On a mesh, weights are read per device slice as they are placed (sharding.py).
+        loaded = load_model(cfg.model, cache_dir, lazy=cfg.tp * cfg.dp > 1)
+        cfg = size_kv_cache(cfg, loaded.config, loaded.params)  # num_pages = 0: from memory
         engine = cls(
             cfg, loaded.config, loaded.tokenizer, Runner(loaded.config, loaded.params, cfg)
         )
@@ -125,15 +131,16 @@ class Engine:
             raise InvalidRequestError(f"duplicate request_id {request_id!r}", param="request_id")
         if not prompt_token_ids:
             raise InvalidRequestError("prompt is empty", param="prompt")
-        vocab = self.model_cfg.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"prompt token id {bad[0]} not in [0, {vocab})", "prompt")
+        # Length first: the id scan below costs time in the prompt's length.
         max_len = self.cfg.scheduler.max_model_len
         if len(prompt_token_ids) >= max_len:
             raise ContextLengthError(
                 f"prompt has {len(prompt_token_ids)} tokens; max_model_len is {max_len}", "prompt"
             )
+        vocab = self.model_cfg.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad} not in [0, {vocab})", "prompt")
         sched = self.cfg.scheduler
         if not sched.chunked_prefill and len(prompt_token_ids) > sched.max_prefill_tokens:
             raise ContextLengthError(
@@ -177,9 +184,10 @@ class Engine:
             result, width = self._run(plan)
         except Exception as exc:  # noqa: BLE001 - the step's requests fail, the engine lives
             return self._fail(plan, exc)
-        # Result rows: the decode part's `width` slots, then one per prefill sequence.
-        chunk_rows = [(width + i, c) for i, c in enumerate(plan.prefill)]
-        decode_rows = [(r.slot, r) for r in plan.decode]
+        # Result rows: the decode part's slots, then one per prefill sequence (per dp group).
+        rows_of_chunks, rows_of_decodes = self.builder.result_rows(plan, width)
+        chunk_rows = list(zip(rows_of_chunks, plan.prefill, strict=True))
+        decode_rows = list(zip(rows_of_decodes, plan.decode, strict=True))
         tokens = result.tokens[[i for i, _ in chunk_rows] + [i for i, _ in decode_rows]]
         rows = [(i, c.request) for i, c in chunk_rows if c.is_last] + decode_rows
         self.scheduler.update(plan, tokens.tolist())
@@ -215,6 +223,9 @@ class Engine:
         decode = prefill = None
         if plan.prefill:
             s.prompt_tokens += sum(c.length for c in plan.prefill)
+            for c in plan.prefill:  # for usage; released pages reset num_cached at the finish
+                if c.is_first and c.request.num_retractions == 0:
+                    c.request.num_cached_prompt = c.request.num_cached
             prefill = self.builder.prefill(plan.prefill)
         if plan.decode:
             s.busy_slot_steps += len(plan.decode)
@@ -275,6 +286,7 @@ class Engine:
             num_output_tokens=len(req.output_token_ids),
             logprobs=logprobs,
             error=error,
+            num_cached_tokens=req.num_cached_prompt,
         )
 
     def _fail(self, plan: StepPlan, exc: Exception) -> list[RequestOutput]:

@@ -1,6 +1,7 @@
-"""Host-side KV page allocator: a free list with reference counts.
+"""Host-side KV page allocator: a free list with reference counts, per page group.
 
-Knows nothing about requests; the scheduler decides who owns which pages.
+Knows nothing about requests; the scheduler decides who owns which pages. With data
+parallelism each dp group owns one contiguous range of page ids (its devices hold them).
 """
 
 from __future__ import annotations
@@ -11,28 +12,48 @@ class OutOfPagesError(RuntimeError):
 
 
 class PageAllocator:
-    """Hands out page ids in [0, num_pages); a page is free again when its ref count hits 0."""
+    """Hands out page ids in [0, num_pages); a page is free again when its ref count hits 0.
 
-    def __init__(self, num_pages: int):
+    `num_groups` splits the ids into equal contiguous ranges: group g owns
+    [g * pages_per_group, (g + 1) * pages_per_group) and `alloc(n, g)` stays inside it.
+    """
+
+    def __init__(self, num_pages: int, num_groups: int = 1):
         if num_pages < 1:
             raise ValueError(f"num_pages={num_pages} must be >= 1")
+        if num_groups < 1 or num_pages % num_groups:
+            raise ValueError(f"num_pages={num_pages} does not split into {num_groups} groups")
         self.num_pages = num_pages
+        self.pages_per_group = num_pages // num_groups
         # Pop from the end: low page ids first, which keeps tests readable.
-        self._free = list(range(num_pages - 1, -1, -1))
+        n = self.pages_per_group
+        self._free_lists = [list(range((g + 1) * n - 1, g * n - 1, -1)) for g in range(num_groups)]
         self._refs = [0] * num_pages
 
     @property
+    def _free(self) -> list[int]:
+        """Every free page id (all groups), for checks."""
+        return [p for free in self._free_lists for p in free]
+
+    @property
     def num_free(self) -> int:
-        return len(self._free)
+        return sum(len(f) for f in self._free_lists)
 
     @property
     def num_used(self) -> int:
-        return self.num_pages - len(self._free)
+        return self.num_pages - self.num_free
 
-    def alloc(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise OutOfPagesError(f"asked for {n} pages, {len(self._free)} free")
-        pages = [self._free.pop() for _ in range(n)]
+    def num_free_in(self, group: int) -> int:
+        return len(self._free_lists[group])
+
+    def group_of(self, page: int) -> int:
+        return page // self.pages_per_group
+
+    def alloc(self, n: int, group: int = 0) -> list[int]:
+        free = self._free_lists[group]
+        if n > len(free):
+            raise OutOfPagesError(f"asked for {n} pages, {len(free)} free")
+        pages = [free.pop() for _ in range(n)]
         for p in pages:
             self._refs[p] = 1
         return pages
@@ -53,7 +74,7 @@ class PageAllocator:
                 raise ValueError(f"page {p} freed twice")
             self._refs[p] -= 1
             if self._refs[p] == 0:
-                self._free.append(p)
+                self._free_lists[self.group_of(p)].append(p)
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:

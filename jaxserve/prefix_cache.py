@@ -2,7 +2,9 @@
 
 A chain of page keys works like a radix tree cut at page boundaries (vLLM's block hashes):
 `match` walks it from the first page, `insert` adds a finished request's full pages, and
-`evict` frees least-recently-used pages that no running request holds.
+`evict` frees least-recently-used pages that no running request holds. With dp groups
+(`PageAllocator.num_groups`) each group has its own chains: a match only returns pages of
+the group it asks for, since a request's pages must live where its slot is.
 """
 
 from __future__ import annotations
@@ -32,18 +34,18 @@ class PrefixCache:
     def num_pages(self) -> int:
         return len(self._pages)
 
-    def _keys(self, tokens: list[int], num_pages: int):
-        parent = b""
+    def _keys(self, tokens: list[int], num_pages: int, group: int = 0):
+        parent = b"" if group == 0 else b"dp%d" % group  # group 0: the keys without groups
         ps = self.page_size
         for i in range(num_pages):
             page = tuple(tokens[i * ps : (i + 1) * ps])
             yield (parent, page)
             parent = hashlib.sha256(parent + array.array("q", page).tobytes()).digest()
 
-    def match(self, tokens: list[int], max_pages: int) -> list[int]:
+    def match(self, tokens: list[int], max_pages: int, group: int = 0) -> list[int]:
         """Pages holding the longest cached prefix of `tokens` (at most `max_pages`)."""
         pages = []
-        for key in self._keys(tokens, min(max_pages, len(tokens) // self.page_size)):
+        for key in self._keys(tokens, min(max_pages, len(tokens) // self.page_size), group):
             page = self._pages.get(key)
             if page is None:
                 break
@@ -51,10 +53,10 @@ class PrefixCache:
             pages.append(page)
         return pages
 
-    def peek(self, tokens: list[int], max_pages: int) -> int:
+    def peek(self, tokens: list[int], max_pages: int, group: int = 0) -> int:
         """Length in pages of the cached prefix, without touching LRU order or stats."""
         n = 0
-        for key in self._keys(tokens, min(max_pages, len(tokens) // self.page_size)):
+        for key in self._keys(tokens, min(max_pages, len(tokens) // self.page_size), group):
             if key not in self._pages:
                 break
             n += 1
@@ -62,8 +64,9 @@ class PrefixCache:
 
     def insert(self, tokens: list[int], pages: list[int]) -> None:
         """Cache the full pages among `pages`, whose K/V hold `tokens` (same order)."""
+        group = self.allocator.group_of(pages[0]) if pages else 0
         for key, page in zip(
-            self._keys(tokens, len(tokens) // self.page_size), pages, strict=False
+            self._keys(tokens, len(tokens) // self.page_size, group), pages, strict=False
         ):
             if key in self._pages:
                 self._pages.move_to_end(key)
@@ -71,16 +74,23 @@ class PrefixCache:
             self.allocator.retain([page])
             self._pages[key] = page
 
-    def num_evictable(self) -> int:
-        return sum(self.allocator.ref_count(p) == 1 for p in self._pages.values())
+    def num_evictable(self, group: int | None = None) -> int:
+        """Cached pages only the cache holds (of one dp group, or all)."""
+        return sum(
+            self.allocator.ref_count(p) == 1
+            for p in self._pages.values()
+            if group is None or self.allocator.group_of(p) == group
+        )
 
-    def evict(self, num_pages: int) -> int:
+    def evict(self, num_pages: int, group: int | None = None) -> int:
         """Free up to `num_pages` least-recently-used pages that only the cache holds."""
         freed = 0
         for key in list(self._pages):
             if freed >= num_pages:
                 break
             page = self._pages[key]
+            if group is not None and self.allocator.group_of(page) != group:
+                continue
             if self.allocator.ref_count(page) == 1:
                 del self._pages[key]
                 self.allocator.free([page])

@@ -92,6 +92,7 @@ class Request:
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in this request's pages
     num_cached: int = 0  # of those, how many came from the prefix cache
+    num_cached_prompt: int = 0  # prompt tokens the prefix cache served at first admission
     finish_reason: FinishReason | None = None
     num_retractions: int = 0
     first_token_time: float | None = None
@@ -130,3 +131,4 @@ class RequestOutput:
     num_output_tokens: int
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (usage)

@@ -2,7 +2,8 @@
 
 One step function covers DECODE (the first n slots, n a batch bucket), EXTEND (a prefill
 token bucket) and MIXED (both parts in one call), with the cache and slot state donated.
-Every trace is counted, so tests can assert nothing compiles after warm-up.
+Every trace is counted, so tests can assert nothing compiles after warm-up. With tp * dp > 1
+the same step runs as one SPMD program over a device mesh (`jaxserve/sharding.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.models import llama
 from jaxserve.quant import QuantPlan
 from jaxserve.sampling import SampleOutput, SamplingRows, sample
+from jaxserve.sharding import MeshLayout, check_mesh, make_mesh, replicate_kv_heads
 from jaxserve.state import (
     SEQ_SAMPLING_FIELDS,
     DecodeBatch,
@@ -50,39 +52,87 @@ class Runner:
     """Owns every device array; turns numpy batches into sampled tokens."""
 
     def __init__(self, model_cfg: ModelConfig, params: llama.LlamaParams, cfg: EngineConfig):
-        self.model_cfg = model_cfg
         self.cfg = cfg
         self.platform = jax.default_backend()
         self.dtype = resolve_dtype(cfg.dtype)
         self.page_size = cfg.cache.page_size
         self.num_compiles = 0
         self.impl = kernels.resolve_impl(cfg.attention_impl)
-        params = jax.tree.map(lambda a: jnp.asarray(a, self.dtype), params)
         self.quant = QuantPlan.from_config(cfg.quantization, cfg.int8_max_rows)
-        self.param_sets = self.quant.build(params)  # kind -> params, only the kinds in use
-        kv_dtype = self.dtype if cfg.cache.dtype == "auto" else jnp.dtype(cfg.cache.dtype)
-        self.kv = llama.init_kv_cache(model_cfg, cfg.cache.num_pages, self.page_size, kv_dtype)
-        self.slots = init_slot_state(cfg.scheduler.max_running_requests, model_cfg.vocab_size)
+        # tp = dp = 1: no mesh at all, the single-device path exactly as it always was.
+        self.layout: MeshLayout | None = None
+        if cfg.tp * cfg.dp > 1:
+            check_mesh(model_cfg, cfg.tp, cfg.dp)
+            model_cfg, params = replicate_kv_heads(model_cfg, params, cfg.tp)
+            self.layout = MeshLayout(make_mesh(cfg.tp, cfg.dp), model_cfg)
+        self.model_cfg = model_cfg
+        if self.layout is None:
+            params = jax.tree.map(lambda a: jnp.asarray(a, self.dtype), params)
+            self.param_sets = self.quant.build(params)  # kind -> params, only the kinds in use
+        else:
+            params = self.layout.place_params(params, self.dtype)
+            self.param_sets = {
+                kind: self.layout.reshard_params(p) for kind, p in self.quant.build(params).items()
+            }
+        self.kv_dtype = self.dtype if cfg.cache.dtype == "auto" else jnp.dtype(cfg.cache.dtype)
+        self.kv = self._init_kv()
+        self.slots = self._init_slots()
         # One traced function for all three forward modes; which parts are present (and their
         # buckets) picks the compiled program.
-        self._step_fn = jax.jit(self._step, donate_argnames=("kv", "slots"))
-        self._permute_fn = jax.jit(self._permute_step, donate_argnames=("slots",))
+        if self.layout is None:
+            self._step_fn = jax.jit(self._step, donate_argnames=("kv", "slots"))
+            self._permute_fn = jax.jit(self._permute_step, donate_argnames=("slots",))
+        else:
+            self._step_fn = self.layout.jit_step(self._step, self._slot_shardings)
+            self._permute_fn = self.layout.jit_permute(self._permute_step, self._slot_shardings)
+
+    def _init_kv(self) -> llama.KVCache:
+        """Pages of one dp group = cache.num_pages; each group's range lives on its devices."""
+        cfg = self.cfg
+        init = functools.partial(
+            llama.init_kv_cache,
+            self.model_cfg,
+            cfg.cache.num_pages * cfg.dp,
+            self.page_size,
+            self.kv_dtype,
+        )
+        return init() if self.layout is None else self.layout.zeros(init, self.layout.kv_sharding)
+
+    def _init_slots(self) -> SlotState:
+        cfg = self.cfg
+        init = functools.partial(
+            init_slot_state, cfg.scheduler.max_running_requests * cfg.dp, self.model_cfg.vocab_size
+        )
+        if self.layout is None:
+            return init()
+        self._slot_shardings = self.layout.slot_shardings(jax.eval_shape(init))
+        return self.layout.zeros(init, self._slot_shardings)
 
     # ---- host API ------------------------------------------------------------------------
     def run(self, decode: DecodeBatch | None, prefill: PrefillBatch | None) -> StepResult:
         """One step: DECODE (decode only), EXTEND (prefill only) or MIXED (both).
 
-        Result rows: the decode batch's n slots first, then the prefill batch's S sequences.
+        Result rows: the decode batch's n slots first, then the prefill batch's S sequences
+        (with dp groups: that layout once per group, one group after the other).
         """
         t0 = time.perf_counter()
-        rows = sum(len(b.positions) for b in (decode, prefill) if b is not None)
-        params = self.param_sets[self.quant.kind_for(rows)]
+        rows = sum(len(b.positions) for b in (decode, prefill) if b is not None) // self.cfg.dp
+        params = self.param_sets[self.quant.kind_for(rows)]  # by the rows of one dp group
+        if self.layout is not None:
+            decode, prefill = self.layout.put_rows((decode, prefill))
         self.kv, self.slots, out = self._step_fn(params, self.kv, self.slots, decode, prefill)
         return self._to_host(out, t0)
 
     def permute_slots(self, perm: np.ndarray) -> None:
         """Slot i takes the device state of slot perm[i] (perm: [B] int32 permutation)."""
-        self.slots = self._permute_fn(self.slots, np.asarray(perm, np.int32))
+        perm = np.asarray(perm, np.int32)
+        if self.layout is not None:  # dp groups permute their own slots, by local index
+            per_group = self.cfg.scheduler.max_running_requests
+            perm = perm - np.arange(len(perm)) // per_group * per_group
+            if perm.min() < 0 or perm.max() >= per_group:
+                raise ValueError(f"slot permutation {perm.tolist()} crosses dp groups")
+            perm = self.layout.put_rows(perm)
+        self.slots = self._permute_fn(self.slots, perm)
 
     def _permute_step(self, slots: SlotState, perm: jax.Array) -> SlotState:
         self._count_trace()
@@ -93,11 +143,8 @@ class Runner:
         leaves = jax.tree.leaves((self.kv, self.slots))
         if not any(a.is_deleted() for a in leaves):
             return False
-        cfg = self.cfg
-        self.kv = llama.init_kv_cache(
-            self.model_cfg, cfg.cache.num_pages, self.page_size, self.kv.k[0].dtype
-        )
-        self.slots = init_slot_state(cfg.scheduler.max_running_requests, self.model_cfg.vocab_size)
+        self.kv = self._init_kv()
+        self.slots = self._init_slots()
         return True
 
     @staticmethod
@@ -127,10 +174,12 @@ class Runner:
             )
         if prefill is None:
             kw["page_table"], kw["lengths"] = kw.pop("decode_page_table"), kw.pop("decode_lengths")
-            return functools.partial(kernels.paged_attention, **kw)
-        if decode is None:
-            return functools.partial(kernels.extend_attention, **kw)
-        return functools.partial(kernels.mixed_attention, **kw)
+            op = kernels.paged_attention
+        else:
+            op = kernels.extend_attention if decode is None else kernels.mixed_attention
+        attend = functools.partial(op, **kw)
+        # On a mesh each tp shard attends with its own heads (Pallas needs local arrays).
+        return attend if self.layout is None else self.layout.shard_heads(attend)
 
     def _decode_part(self, slots: SlotState, batch: DecodeBatch) -> _Part:
         """The first n slots, one input token each (n = the batch bucket)."""

@@ -71,21 +71,27 @@ class Scheduler:
         page_size: int,
         num_pages: int,
         eos_token_ids: tuple[int, ...] = (),
+        num_groups: int = 1,
     ):
-        if num_pages * page_size < cfg.max_model_len:
+        # num_groups > 1 (data parallel): each group has max_running_requests slots and
+        # num_pages / num_groups pages of its own; a request's pages come from its slot's group.
+        group_pages = num_pages // num_groups
+        if group_pages * page_size < cfg.max_model_len:
             raise ValueError(
-                f"num_pages * page_size = {num_pages * page_size} tokens cannot hold one "
+                f"num_pages * page_size = {group_pages * page_size} tokens cannot hold one "
                 f"request of max_model_len={cfg.max_model_len}"
             )
         self.cfg = cfg
         self.page_size = page_size
         self.eos_token_ids = eos_token_ids
-        self.allocator = PageAllocator(num_pages)
+        self.num_groups = num_groups
+        self.slots_per_group = cfg.max_running_requests
+        self.allocator = PageAllocator(num_pages, num_groups)
         self.prefix_cache = (
             PrefixCache(self.allocator, page_size) if cfg.enable_prefix_cache else None
         )
         self.waiting: collections.deque[Request] = collections.deque()
-        self.slots: list[Request | None] = [None] * cfg.max_running_requests
+        self.slots: list[Request | None] = [None] * (cfg.max_running_requests * num_groups)
         self.new_token_ratio = cfg.init_new_token_ratio
         self.num_retractions = 0
         self._batch_open = True  # static policy: admit only while a new batch is being filled
@@ -145,10 +151,13 @@ class Scheduler:
         fitting = [b for b in self.cfg.prefill_buckets if b <= self.cfg.mixed_step_tokens]
         return max(fitting, default=0)
 
-    def _reserved_tokens(self) -> int:
-        """Future decode tokens of running requests, discounted by `new_token_ratio`."""
+    def _group_running(self, group: int) -> list[Request]:
+        return [r for r in self.running if self.group_of(r.slot) == group]
+
+    def _reserved_tokens(self, group: int = 0) -> int:
+        """Future decode tokens of a group's running requests, discounted by `new_token_ratio`."""
         total = 0
-        for r in self.running:
+        for r in self._group_running(group):
             left = r.params.max_tokens - len(r.output_token_ids)
             total += math.ceil(max(left, 0) * self.new_token_ratio)
         return total
@@ -181,7 +190,7 @@ class Scheduler:
             # Longest cached prefix first, as SGLang does for short queues (stable on ties).
             cache, ps = self.prefix_cache, self.page_size
             self.waiting = collections.deque(
-                sorted(self.waiting, key=lambda r: -cache.peek(r.all_token_ids, r.num_tokens // ps))
+                sorted(self.waiting, key=lambda r: -self._peek(cache, r.all_token_ids, ps))
             )
         while self.waiting and budget > 0 and len(chunks) < cfg.max_prefill_seqs:
             if None not in self.slots:
@@ -189,15 +198,17 @@ class Scheduler:
             req = self.waiting[0]
             n = req.num_tokens
             left = req.params.max_tokens - len(req.output_token_ids)
-            cached = self._match_prefix(req)
+            slot = self._free_slot()
+            group = self.group_of(slot)
+            cached = self._match_prefix(req, group)
             # After the match: its pages are locked now, so they no longer count as free.
             # Requests admitted above hold their pages and reserve their future tokens.
-            free_tokens = self._free_pages() * self.page_size - self._reserved_tokens()
+            free_tokens = self._free_pages(group) * self.page_size - self._reserved_tokens(group)
             need_pages = pages_for(n, self.page_size) - len(cached)
             # The reserve only applies while others run: a lone request always gets in.
             estimate = n - len(cached) * self.page_size + math.ceil(left * self.new_token_ratio)
-            blocked = need_pages > self._free_pages() or (
-                (self.running or chunks) and estimate > free_tokens
+            blocked = need_pages > self._free_pages(group) or (
+                self._group_running(group) and estimate > free_tokens  # (chunks run too)
             )
             length = min(n - len(cached) * self.page_size, budget)
             if length < n - len(cached) * self.page_size and not cfg.chunked_prefill:
@@ -209,9 +220,9 @@ class Scheduler:
                 self.allocator.free(cached)
                 break
             self.waiting.popleft()
-            req.slot = self.slots.index(None)
-            self.slots[req.slot] = req
-            req.pages = cached + self._alloc(need_pages)
+            req.slot = slot
+            self.slots[slot] = req
+            req.pages = cached + self._alloc(need_pages, group)
             req.num_computed = req.num_cached = len(cached) * self.page_size
             if self.prefix_cache is not None:  # counted when admitted, not per refused try
                 self.prefix_cache.hits += req.num_cached
@@ -221,7 +232,20 @@ class Scheduler:
             budget -= _round_up(length, cfg.prefill_block)
         return StepPlan(prefill=chunks)
 
-    def _match_prefix(self, req: Request) -> list[int]:
+    def group_of(self, slot: int) -> int:
+        """The dp group that owns `slot` (and the pages of its request)."""
+        return slot // self.slots_per_group
+
+    def _free_slot(self) -> int:
+        """The lowest free slot of the group with the most free slots (lowest group on ties)."""
+        b = self.slots_per_group
+        free = [self.slots[g * b : (g + 1) * b].count(None) for g in range(self.num_groups)]
+        return self.slots.index(None, free.index(max(free)) * b)
+
+    def _peek(self, cache: PrefixCache, tokens: list[int], ps: int) -> int:
+        return max(cache.peek(tokens, len(tokens) // ps, g) for g in range(self.num_groups))
+
+    def _match_prefix(self, req: Request, group: int = 0) -> list[int]:
         """Cached pages for req's prefix, retained for it (at least one token is left to run).
 
         Requests with penalties skip the cache: their token history on device is rebuilt from
@@ -232,20 +256,22 @@ class Scheduler:
             p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
         ):
             return []
-        pages = self.prefix_cache.match(req.all_token_ids, (req.num_tokens - 1) // self.page_size)
+        max_pages = (req.num_tokens - 1) // self.page_size
+        pages = self.prefix_cache.match(req.all_token_ids, max_pages, group)
         self.allocator.retain(pages)
         return pages
 
-    def _free_pages(self) -> int:
-        """Free pages plus those the prefix cache could give back."""
-        extra = self.prefix_cache.num_evictable() if self.prefix_cache is not None else 0
-        return self.allocator.num_free + extra
+    def _free_pages(self, group: int | None = None) -> int:
+        """Free pages plus those the prefix cache could give back (of one group, or all)."""
+        extra = self.prefix_cache.num_evictable(group) if self.prefix_cache is not None else 0
+        a = self.allocator
+        return (a.num_free if group is None else a.num_free_in(group)) + extra
 
-    def _alloc(self, n: int) -> list[int]:
-        short = n - self.allocator.num_free
+    def _alloc(self, n: int, group: int = 0) -> list[int]:
+        short = n - self.allocator.num_free_in(group)
         if short > 0 and self.prefix_cache is not None:
-            self.prefix_cache.evict(short)
-        return self.allocator.alloc(n)
+            self.prefix_cache.evict(short, group)
+        return self.allocator.alloc(n, group)
 
     def _compact_slots(self) -> list[tuple[int, int]]:
         """Move requests from high slots into holes below, so decode runs a smaller bucket.
@@ -253,10 +279,13 @@ class Scheduler:
         Holes appear only when nobody is waiting to fill them (prefill takes the lowest free
         slot), e.g. in the tail of a batch; a move costs one small on-device gather.
         """
-        occupied = [i for i, r in enumerate(self.slots) if r is not None]
-        n = len(occupied)
-        holes = [i for i in range(n) if self.slots[i] is None]
-        moves = list(zip([i for i in occupied if i >= n], holes, strict=True))
+        moves: list[tuple[int, int]] = []
+        b = self.slots_per_group
+        for base in range(0, len(self.slots), b):  # within each dp group: pages stay put
+            occupied = [i for i in range(base, base + b) if self.slots[i] is not None]
+            n = base + len(occupied)
+            holes = [i for i in range(base, n) if self.slots[i] is None]
+            moves += zip([i for i in occupied if i >= n], holes, strict=True)
         for src, dst in moves:
             req = self.slots[src]
             self.slots[dst], self.slots[src] = req, None
@@ -272,14 +301,17 @@ class Scheduler:
         def missing(r: Request) -> int:  # pages r needs to write its next token
             return max(0, pages_for(r.num_computed + 1, self.page_size) - len(r.pages))
 
-        while sum(missing(r) for r in decoding) > self._free_pages() and len(decoding) > 1:
-            # Retract what costs least to redo: the fewest cached tokens, newest on ties.
-            victim = min(decoding, key=lambda r: (r.num_computed, -r.arrival_time))
-            decoding.remove(victim)
-            self.retract(victim)
-            retracted.append(victim)
+        for group in range(self.num_groups):  # each dp group decodes from its own pages
+            mine = [r for r in decoding if self.group_of(r.slot) == group]
+            while sum(missing(r) for r in mine) > self._free_pages(group) and len(mine) > 1:
+                # Retract what costs least to redo: the fewest cached tokens, newest on ties.
+                victim = min(mine, key=lambda r: (r.num_computed, -r.arrival_time))
+                mine.remove(victim)
+                decoding.remove(victim)
+                self.retract(victim)
+                retracted.append(victim)
         for r in decoding:
-            r.pages += self._alloc(missing(r))
+            r.pages += self._alloc(missing(r), self.group_of(r.slot))
         if retracted:
             self.new_token_ratio = self.cfg.init_new_token_ratio
         else:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from jaxserve.cli import build_parser, main
+from jaxserve.flags import given_flags
 from jaxserve.request import SamplingParams
 from tests.conftest import TEST_CONFIG
 
@@ -96,8 +97,10 @@ def test_serve_arguments():
             "2.5",
         ]
     )
-    assert (args.port, args.api_key, args.served_model_name) == (9000, "k", "m")
-    assert (args.max_waiting, args.shutdown_timeout) == (5, 2.5)
+    flags = dict(given_flags(args))
+    assert (flags["server.port"], flags["server.api_key"]) == (9000, "k")
+    assert flags["server.served_model_name"] == "m"
+    assert (flags["scheduler.max_waiting"], flags["server.shutdown_timeout_s"]) == (5, 2.5)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--port", "many"])
 
@@ -126,3 +129,11 @@ def test_jaxserve_cache_env_and_max_waiting(monkeypatch, tmp_path):
     assert (cfg.cache_dir, name, cfg.scheduler.max_waiting) == (str(tmp_path), "smollm2-135m", 7)
     args = build_parser().parse_args(["generate", "x", "--model", "/m.gguf"])
     assert _engine_config(args)[0].model == "/m.gguf"
+
+
+def test_simulate_subcommand_runs_the_simulator(capsys):
+    from jaxserve.cli import main
+
+    assert main(["simulate", "--scenario", "mixed", "--scale", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "continuous / static" in out and "out tok/s" in out

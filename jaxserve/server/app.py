@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI routes under `/v1` (behind the optional API key), health, metrics.
+"""The FastAPI app: OpenAI routes under `/v1` (behind the optional API key), health, metrics,
+and API docs at `/docs` that need no internet.
 
 Routes only parse, validate and format; all engine work goes through the `Bridge`.
 """
@@ -9,16 +10,25 @@ import hmac
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from jaxserve.config import ServerConfig
 from jaxserve.server.bridge import Bridge
 from jaxserve.server.chat import create_chat_completion
 from jaxserve.server.completions import create_completion
+from jaxserve.server.docs import create_docs_app, json_body
 from jaxserve.server.errors import APIError, install_error_handlers
 from jaxserve.server.offload import Offload
 from jaxserve.server.params import Limits
-from jaxserve.server.protocol import ModelCard, ModelList
+from jaxserve.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
 from jaxserve.server.request_limits import RequestLimits
 
 
@@ -46,7 +56,12 @@ def _auth(api_key: str | None):
 
 def create_app(bridge: Bridge, server_cfg: ServerConfig, model_name: str) -> FastAPI:
     """The app over a bridge that may still be warming up (`/health` says 503 until ready)."""
-    app = FastAPI(title="jaxserve", version="0.1.0")
+    app = create_docs_app(
+        "jaxserve",
+        "0.1.0",
+        "OpenAI-compatible LLM serving on JAX. Streaming (`stream: true`) answers with "
+        "server-sent events of the chunk types.",
+    )
     install_error_handlers(app)
     app.add_middleware(
         RequestLimits,
@@ -75,18 +90,29 @@ def create_app(bridge: Bridge, server_cfg: ServerConfig, model_name: str) -> Fas
             server=server_cfg,
         )
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth(server_cfg.api_key))])
+    auth = [Depends(_auth(server_cfg.api_key))]
+    if server_cfg.api_key:  # declares the scheme, so /docs has an "Authorize" button
+        auth.append(Depends(HTTPBearer(auto_error=False)))
+    v1 = APIRouter(prefix="/v1", dependencies=auth)
 
     @v1.get("/models")
     async def list_models() -> ModelList:
         max_len = bridge.engine.cfg.scheduler.max_model_len if bridge.engine else None
         return ModelList(data=[ModelCard(id=name, max_model_len=max_len) for name in names])
 
-    @v1.post("/completions")
+    @v1.post(
+        "/completions",
+        openapi_extra=json_body(CompletionRequest),
+        responses={200: {"model": CompletionResponse}},
+    )
     async def completions(request: Request) -> Response:
         return await create_completion(request, bridge, limits(), offload)
 
-    @v1.post("/chat/completions")
+    @v1.post(
+        "/chat/completions",
+        openapi_extra=json_body(ChatCompletionRequest),
+        responses={200: {"model": ChatCompletionResponse}},
+    )
     async def chat_completions(request: Request) -> Response:
         return await create_chat_completion(request, bridge, limits(), offload)
 

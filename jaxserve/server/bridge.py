@@ -24,6 +24,9 @@ from jaxserve.server.metrics import EngineSnapshot, ServingMetrics
 log = logging.getLogger("jaxserve.server")
 
 IDLE_POLL_S = 0.1  # how often an idle engine thread looks at its stop flag
+# Distinct KV pages of the running requests: a walk over their page lists, so at most this
+# often while busy (and at once when nothing runs).
+KV_USAGE_REFRESH_S = 0.5
 T = TypeVar("T")
 Submission = tuple[str, list[int], SamplingParams]  # (request_id, prompt_token_ids, params)
 
@@ -64,6 +67,9 @@ class Bridge:
         self._streams: dict[str, _Stream] = {}  # owned by the engine thread
         self._thread: threading.Thread | None = None
         self._running = False
+        self._num_step_functions = 0
+        self._kv_pages_held = 0  # by running requests, refreshed every KV_USAGE_REFRESH_S
+        self._kv_refresh_at = 0.0
 
     # ---- lifecycle ---------------------------------------------------------------------
     @property
@@ -75,6 +81,7 @@ class Bridge:
         if self.engine is None:
             raise ValueError("Bridge.start needs an engine")
         self._running = True
+        self._num_step_functions = self.engine.num_step_functions
         self._snapshot()
         self._thread = threading.Thread(target=self._loop, name="jaxserve-engine", daemon=True)
         self._thread.start()
@@ -212,6 +219,7 @@ class Bridge:
                 del self._streams[out.request_id]
                 if out.error is None:
                     self.metrics.e2e.observe(now - stream.arrival_time)
+                    self.metrics.finished(out.finish_reason)
             by_loop.setdefault(stream.loop, []).append((stream.queue, out))
         for loop, items in by_loop.items():
             try:
@@ -239,17 +247,31 @@ class Bridge:
         assert self.engine is not None
         e = self.engine
         s = e.scheduler
+        st = e.stats
+        cache = s.prefix_cache
+        running = s.running
+        now = time.monotonic()
+        if not running or now >= self._kv_refresh_at:
+            self._kv_pages_held = len(set().union(*(r.pages for r in running)))
+            self._kv_refresh_at = now + KV_USAGE_REFRESH_S
+        total = s.allocator.num_pages
         self.snapshot = EngineSnapshot(
-            num_running=e.num_running(),
+            num_running=len(running),
             num_waiting=len(s.waiting),
             kv_pages_used=s.allocator.num_used,
-            kv_pages_total=s.allocator.num_pages,
-            kv_pages_cached=s.prefix_cache.num_pages if s.prefix_cache is not None else 0,
-            prompt_tokens=e.stats.prompt_tokens,
-            generation_tokens=e.stats.generation_tokens,
+            kv_pages_total=total,
+            kv_pages_cached=cache.num_pages if cache is not None else 0,
+            kv_usage_ratio=self._kv_pages_held / total,
+            prompt_tokens=st.prompt_tokens,
+            generation_tokens=st.generation_tokens,
+            prefix_cache_queries=cache.queries if cache is not None else 0,
+            prefix_cache_hits=cache.hits if cache is not None else 0,
             num_compiles=e.runner.num_compiles,
+            num_step_functions=self._num_step_functions,
             num_retractions=s.num_retractions,
-            num_aborted=e.stats.num_aborted,
-            num_failed=e.stats.num_failed,
-            num_steps=e.stats.num_steps,
+            num_aborted=st.num_aborted,
+            num_failed=st.num_failed,
+            num_steps=st.num_steps,
+            steps_by_mode=(st.num_prefill_steps, st.num_decode_steps, st.num_mixed_steps),
+            device_s_by_mode=(st.prefill_device_s, st.decode_device_s, st.mixed_device_s),
         )

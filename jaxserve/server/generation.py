@@ -20,7 +20,7 @@ from jaxserve.errors import JaxserveError
 from jaxserve.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 from jaxserve.server.bridge import Bridge
 from jaxserve.server.errors import APIError, from_engine_error
-from jaxserve.server.protocol import ErrorResponse, Usage
+from jaxserve.server.protocol import ErrorResponse, PromptTokensDetails, Usage
 
 
 @dataclass
@@ -29,6 +29,7 @@ class Choice:
     request_id: str
     prompt_index: int
     prompt_len: int
+    cached_tokens: int = 0  # of the prompt, served from the prefix cache
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -75,6 +76,7 @@ class Generation:
             choice.text += out.new_text
             choice.token_ids += out.new_token_ids
             choice.logprobs += out.logprobs or []
+            choice.cached_tokens = out.num_cached_tokens
             if out.finished:
                 choice.done = True
                 if out.error is not None or out.finish_reason in (None, FinishReason.ABORT):
@@ -93,11 +95,17 @@ class Generation:
         return next((c.error for c in self.choices if c.error is not None), None)
 
     def usage(self) -> Usage:
-        prompt = {c.prompt_index: c.prompt_len for c in self.choices}  # n choices share one
+        # n choices share one prompt, counted once, with the cached tokens of its first choice
+        first = {c.prompt_index: c for c in reversed(self.choices)}.values()
         completion = sum(len(c.token_ids) for c in self.choices)
-        total = sum(prompt.values())
+        total = sum(c.prompt_len for c in first)
         return Usage(
-            prompt_tokens=total, completion_tokens=completion, total_tokens=total + completion
+            prompt_tokens=total,
+            completion_tokens=completion,
+            total_tokens=total + completion,
+            prompt_tokens_details=PromptTokensDetails(
+                cached_tokens=sum(c.cached_tokens for c in first)
+            ),
         )
 
     async def collect(self, request: Request) -> bool:

