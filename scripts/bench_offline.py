@@ -11,25 +11,12 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from jaxserve.config import load_config, replace
 from jaxserve.engine import Engine, EngineStats
 from jaxserve.jaxutil import enable_compilation_cache
 from jaxserve.llm import LLM
 from jaxserve.request import SamplingParams
-
-
-def make_prompts(n: int, input_len: int, output_len: int, dataset: str, vocab: int, seed: int):
-    """Synthetic token prompts; 'mixed' draws long-tailed lengths around the given means."""
-    rng = np.random.default_rng(seed)
-    if dataset == "fixed":
-        ins, outs = [input_len] * n, [output_len] * n
-    else:
-        ins = np.clip(rng.lognormal(np.log(input_len), 0.6, n), 4, 4 * input_len).astype(int)
-        outs = np.clip(rng.pareto(1.5, n) * output_len / 2 + 4, 4, 8 * output_len).astype(int)
-    prompts = [rng.integers(100, vocab - 100, int(k)).tolist() for k in ins]
-    return prompts, [int(o) for o in outs]
+from jaxserve.simulate.trace import make_prompts  # noqa: F401 - bench_batching imports it
 
 
 def run_once(llm: LLM, prompts, out_lens) -> dict:
