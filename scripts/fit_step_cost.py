@@ -106,8 +106,12 @@ def wait_for_quiet(max_load: float | None) -> None:
         time.sleep(10)
 
 
-def collect(config: str, out: str, max_load: float | None) -> list[StepRecord]:
+def collect(
+    config: str, out: str, max_load: float | None, num_pages: int | None
+) -> list[StepRecord]:
     cfg = replace(load_config(config), scheduler={"policy": "continuous"})
+    if num_pages:
+        cfg = replace(cfg, cache={"num_pages": num_pages})
     t0 = time.perf_counter()
     engine = Engine.from_config(cfg)
     twin = Engine(
@@ -160,11 +164,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--records", default="out/step_records.jsonl", help="raw steps (JSONL)")
     ap.add_argument("--out", default="configs/hardware/cpu-measured.toml", help="the fit")
     ap.add_argument("--max-load", type=float, help="wait for a lower 1-min load average first")
+    ap.add_argument("--num-pages", type=int, help="override [cache] num_pages (less memory)")
     args = ap.parse_args(argv)
     enable_compilation_cache()
     Path(args.records).parent.mkdir(parents=True, exist_ok=True)
     Path(args.records).write_text("")
-    records = [r for c in args.configs for r in collect(c, args.records, args.max_load)]
+    records = [
+        r for c in args.configs for r in collect(c, args.records, args.max_load, args.num_pages)
+    ]
     report = fit_linear(records)
     Path(args.out).write_text(fit_toml(report, source_info(args.configs)))
     print(f"wrote {args.records} ({len(records)} steps) and {args.out}: r2 {report.r2:.3f}")

@@ -79,11 +79,41 @@ def compare(name: str, real: dict, shapes: dict, engines: dict, cost: CostModel,
     return row
 
 
+def resimulate(report: dict[str, Any], cost_path: str) -> dict[str, Any]:
+    """Keep a saved report's measurements, redo its simulated side with another cost model
+    (the plans are the same, so the simulated steps pair with the measured ones)."""
+    a = report["args"]
+    cfg = replace(load_config(a["config"]), scheduler={"policy": "continuous"})
+    if a.get("num_pages"):
+        cfg = replace(cfg, cache={"num_pages": a["num_pages"]})
+    cost = load_linear(cost_path)
+    for row in report["rows"]:
+        for policy in POLICIES:
+            sched = replace(cfg, scheduler={"policy": policy}).scheduler
+            st = simulate(scenario_trace(row["scenario"], a["scale"]), cost, sched, cfg.cache,
+                          record_steps=True)  # fmt: skip
+            r, sim = row[policy], summarize(st)
+            r["simulated_tok_per_s"] = sim["output_tok_per_s"]
+            r["simulated_steps"] = [
+                sim[k] for k in ("prefill_steps", "decode_steps", "mixed_steps")
+            ]
+            assert len(st.steps) == len(r["step_pairs"]), "the plans differ: another config?"
+            for pair, step in zip(r["step_pairs"], st.steps, strict=True):
+                pair[1] = cost.step_seconds(step.shape)
+        for key in ("measured", "simulated"):
+            c, s = row["continuous"][f"{key}_tok_per_s"], row["static"][f"{key}_tok_per_s"]
+            row[f"{key}_ratio"] = c / s
+    report["args"] = {**a, "cost": cost_path, "resimulated_from": a["cost"]}
+    return report
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from jaxserve.jaxutil import enable_compilation_cache
 
     enable_compilation_cache()
     cfg = replace(load_config(args.config), scheduler={"policy": "continuous"})
+    if args.num_pages:
+        cfg = replace(cfg, cache={"num_pages": args.num_pages})
     engine = Engine.from_config(cfg)
     static = (
         Engine.from_config(replace(cfg, scheduler={"policy": "static"}))
@@ -107,16 +137,18 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for e in engines.values():  # unwrap the recorder
             del e.scheduler.schedule
         rows.append(compare(name, real, shapes, engines, cost, args.scale))
-        r = rows[-1]
-        print(
-            f"{name:17s} measured {r['static']['measured_tok_per_s']:6.1f} / "
-            f"{r['continuous']['measured_tok_per_s']:6.1f} tok/s ({r['measured_ratio']:.2f}x)  "
-            f"simulated {r['static']['simulated_tok_per_s']:6.1f} / "
-            f"{r['continuous']['simulated_tok_per_s']:6.1f} ({r['simulated_ratio']:.2f}x)  "
-            f"{time.perf_counter() - t0:.0f}s load {os.getloadavg()[0]:.1f}",
-            flush=True,
-        )
+        print_row(rows[-1], f"{time.perf_counter() - t0:.0f}s load {os.getloadavg()[0]:.1f}")
     return rows
+
+
+def print_row(r: dict[str, Any], note: str = "") -> None:
+    print(
+        f"{r['scenario']:17s} measured {r['static']['measured_tok_per_s']:6.1f} / "
+        f"{r['continuous']['measured_tok_per_s']:6.1f} tok/s ({r['measured_ratio']:.2f}x)  "
+        f"simulated {r['static']['simulated_tok_per_s']:6.1f} / "
+        f"{r['continuous']['simulated_tok_per_s']:6.1f} ({r['simulated_ratio']:.2f}x)  {note}",
+        flush=True,
+    )
 
 
 def plot(rows: list[dict[str, Any]], path: Path, note: str) -> None:
@@ -183,12 +215,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cost", default="configs/hardware/cpu-measured.toml")
     ap.add_argument("--scenarios", nargs="+", choices=SEED_SCENARIOS, default=list(SEED_SCENARIOS))
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every request count")
+    ap.add_argument("--num-pages", type=int, help="override [cache] num_pages (less memory)")
     ap.add_argument("--paired", action="store_true", help="own runner for static, interleaved")
     ap.add_argument("--out", default=None, help="JSON with every step")
     ap.add_argument("--plot", default=None, help="PNG path")
     ap.add_argument("--replot", default=None, help="redraw from a JSON of --out")
+    ap.add_argument("--resim", default=None, help="a JSON of --out, re-simulated with --cost")
     args = ap.parse_args(argv)
-    if args.replot:
+    if args.resim:
+        report = resimulate(json.loads(Path(args.resim).read_text()), args.cost)
+        for row in report["rows"]:
+            print_row(row)
+        if args.out:
+            Path(args.out).write_text(json.dumps(report))
+    elif args.replot:
         report = json.loads(Path(args.replot).read_text())
     else:
         report = {"args": vars(args), "rows": run(args)}
@@ -199,7 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot:
         a = report["args"]
         note = (
-            f"{a['config'] or 'configs/smollm2-135m.toml'}, scale {a['scale']}, "
+            f"{a['config'] or 'configs/smollm2-135m.toml'}"
+            + (f" with num_pages = {a['num_pages']}" if a.get("num_pages") else "")
+            + f", scale {a['scale']}, "
             f"{'paired' if a['paired'] else 'sequential'} runs, cost {a['cost']}"
         )
         plot(report["rows"], Path(args.plot), note)

@@ -97,6 +97,9 @@ def test_engine_admission_limits_are_applied():
     trace = trace_of(2, 2, 2) + [TraceRequest(0.0, list(range(1, 70)), 2)]  # > max_model_len
     r = summarize(simulate(trace, ConstantCost(1.0), cfg, CACHE))
     assert r["rejected"] == 3 and r["completed"] == 1  # only one may wait at a time
+    late = [TraceRequest(0.0, [1, 2], 2), TraceRequest(5.0, list(range(1, 70)), 2)]
+    r = summarize(simulate(late, ConstantCost(1.0), cfg, CACHE))  # the last one is refused
+    assert (r["completed"], r["rejected"], r["wall_s"]) == (1, 1, 2.0)
 
 
 def test_tight_memory_retracts_and_still_finishes_everything():

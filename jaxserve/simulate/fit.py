@@ -94,13 +94,15 @@ def fit_linear(
     features: tuple[str, ...] = CPU_FEATURES,
     platform: str = "cpu",
     name: str = "cpu-measured",
-    outlier_mads: float = 5.0,
+    outlier_factor: float = 3.0,
 ) -> FitReport:
     """Non-negative least squares in relative terms, so a 30 ms decode step counts as much as
     a 1 s prefill: noise on a shared machine is multiplicative (a neighbour slows every step
     by a factor). Each residual is weighted by 1 / the model's own prediction, iterated
     (weighting by 1 / measured would favour the lucky fast steps and price every step low),
-    and the fit is redone once without outliers."""
+    and the fit is redone once without the steps more than `outlier_factor` off (a compile,
+    a page-in); slow steps short of that are kept, since a neighbour's burst is part of what a
+    run on this machine costs."""
     x = np.array([feature_vector(r.shape, features) for r in records])
     y = np.array([r.seconds for r in records])
     keep = np.ones(len(y), bool)
@@ -110,11 +112,9 @@ def fit_linear(
             w = 1.0 / scale
             coef = _nonnegative_lstsq(x[keep] * w[:, None], y[keep] * w)
             scale = np.maximum(x[keep] @ coef, 1e-3)
-        # Outliers by log ratio: a step 100x too slow (a page-in, a neighbour's burst) must
-        # stand out, and a relative residual never exceeds 1 when the step is slower.
+        # By log ratio: a relative residual never exceeds 1 when the step is slower.
         err = np.log(y / np.maximum(x @ coef, 1e-6))
-        mad = np.median(np.abs(err - np.median(err))) * 1.4826
-        keep = np.abs(err - np.median(err)) <= outlier_mads * max(mad, 1e-3)
+        keep = np.abs(err) <= np.log(outlier_factor)
     pred = x @ coef
     cost = LinearCost(tuple(features), tuple(float(c) for c in coef), platform, name)
     resid = pred[keep] - y[keep]

@@ -110,8 +110,9 @@ def simulate(
             req = Request(str(i), list(tr.prompt_token_ids), params, arrival_time=clock + i * 1e-9)
             index[id(req)] = i
             sched.add(req)
-        if not sched.has_work():
-            clock = trace[pending[0]].arrival_s
+        if not sched.has_work():  # idle until the next arrival (if any is left)
+            if pending:
+                clock = trace[pending[0]].arrival_s
             continue
         plan = sched.schedule()
         if plan.is_idle:  # nothing can run until something arrives
@@ -146,8 +147,9 @@ def simulate(
                 st.finish[i] = clock
                 del index[id(req)]
         st.output_tokens += len(emitting)
+        st.end_s = clock  # the last step's end (a refused late arrival does not count)
         if st.sustained_end_s != st.sustained_end_s and not sched.waiting and not pending:
             st.sustained_end_s, st.sustained_tokens = clock, st.output_tokens
     st.retractions = sched.num_retractions
-    st.end_s = clock
+    st.end_s = max(st.end_s, st.start_s)
     return st
