@@ -64,8 +64,8 @@ def workloads(vocab: int, max_len: int, seed: int = 7) -> dict[str, list[Arrival
     return {"burst": burst, "poisson": poisson, "long": long, "shared_prefix": shared}
 
 
-def run_workload(engine: Engine, arrivals: list[Arrival], tag: str) -> list[StepRecord]:
-    """Submit by arrival time on the engine's own step clock; record (shape, step seconds)."""
+def record_shapes(engine: Engine) -> list[StepShape]:
+    """Append every non-idle plan's shape, in step order, to the returned list."""
     shapes: list[StepShape] = []
     shape_of = ShapeOf(engine.cfg.scheduler)
     schedule = engine.scheduler.schedule
@@ -77,6 +77,13 @@ def run_workload(engine: Engine, arrivals: list[Arrival], tag: str) -> list[Step
         return plan
 
     engine.scheduler.schedule = recording
+    return shapes
+
+
+def run_workload(engine: Engine, arrivals: list[Arrival], tag: str) -> list[StepRecord]:
+    """Submit by arrival time on the engine's own step clock; record (shape, step seconds)."""
+    schedule = engine.scheduler.schedule  # restored at the end
+    shapes = record_shapes(engine)
     records, pending, clock = [], sorted(arrivals, key=lambda a: a[0]), 0.0
     policy = engine.cfg.scheduler.policy
     try:

@@ -26,30 +26,14 @@ from jaxserve.config import load_config, replace
 from jaxserve.engine import Engine
 from jaxserve.simulate.cost import CostModel, load_linear
 from jaxserve.simulate.metrics import summarize
-from jaxserve.simulate.shapes import ShapeOf
 from jaxserve.simulate.sim import simulate
 from jaxserve.simulate.trace import SEED_SCENARIOS, scenario_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_batching  # noqa: E402
+from fit_step_cost import record_shapes  # noqa: E402
 
 POLICIES = ("static", "continuous")
-
-
-def record_shapes(engine: Engine) -> list:
-    """Append every non-idle plan's shape, in step order, to the returned list."""
-    shapes: list = []
-    shape_of = ShapeOf(engine.cfg.scheduler)
-    schedule = engine.scheduler.schedule
-
-    def recording():
-        plan = schedule()
-        if not plan.is_idle:
-            shapes.append(shape_of(plan))
-        return plan
-
-    engine.scheduler.schedule = recording
-    return shapes
 
 
 def compare(name: str, real: dict, shapes: dict, engines: dict, cost: CostModel, scale: float):

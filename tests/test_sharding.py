@@ -18,27 +18,19 @@ import jax
 import numpy as np
 import pytest
 
-from jaxserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from jaxserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from jaxserve.engine import Engine
 from jaxserve.pages import PageAllocator
 from jaxserve.prefix_cache import PrefixCache
 from jaxserve.request import SamplingParams
 from jaxserve.runner import StepResult
 from jaxserve.sharding import ShardingError, check_mesh, make_mesh, replicate_kv_heads, valid_tp
+from jaxserve.weights.random_model import SHAPES
 from tests.fake_model import FAKE_MODEL, FakeRunner, FakeTokenizer, expected_tokens
 from tests.tiny_model import TINY, dense_logits, tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
-SMOLLM2 = ModelConfig(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_layers=30,
-    num_heads=9,
-    num_kv_heads=3,
-    head_dim=64,
-    name="SmolLM2-135M",
-)
+SMOLLM2 = SHAPES["smollm2-135m"]  # the default model's heads: 9 query, 3 KV
 
 
 # ---- head counts ---------------------------------------------------------------------------
