@@ -109,17 +109,25 @@ def server_config(args: argparse.Namespace, cfg: EngineConfig) -> ServerConfig:
 
 # ---- commands ----------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
+    from jaxserve import faults
     from jaxserve.server import Bridge, create_app
     from jaxserve.server.connection import ServeConfig
     from jaxserve.server.shutdown import GracefulServer
 
     cfg, spec = _engine_config(args)
     server_cfg = cfg.server
+    fault_every = faults.from_env()
     engine = _load_engine(cfg, warmup=False)
     bridge = Bridge(engine)
     app = create_app(bridge, server_cfg, spec)
     config = ServeConfig(app, server_cfg, log_level=args.log_level)
     server = GracefulServer(config, bridge, server_cfg.shutdown_timeout_s)
+
+    def crashed(why: str) -> None:
+        print(f"error: {why}; stopping the server", file=sys.stderr, flush=True)
+        server.should_exit = True
+
+    bridge.on_crash = crashed
     warmup_error: list[Exception] = []
 
     def warm() -> None:
@@ -130,6 +138,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             warmup_error.append(exc)
             server.should_exit = True
             return
+        if every := fault_every:  # test-only: make every n-th step fail (scripts/soak.py)
+            engine.runner = faults.FaultInjector(engine.runner, every)
+            print(f"warning: injecting a fault every {every} steps", file=sys.stderr, flush=True)
         bridge.start()
         print(f"ready: http://{server_cfg.host}:{server_cfg.port}/v1", file=sys.stderr, flush=True)
 
@@ -145,7 +156,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-    return 1 if warmup_error else 0
+    return 1 if warmup_error or bridge.failure else 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -84,6 +84,8 @@ class SchedulerConfig:
     init_new_token_ratio: float = 0.7  # decode-token reserve at admission, after a retraction
     min_new_token_ratio: float = 0.1  # the decode-token reserve decays to this ...
     new_token_ratio_decay: float = 0.001  # ... by this much per decode step
+    # Out of pages while decoding: retract until the rest can decode this many more steps.
+    retract_decode_steps: int = 20
     max_waiting: int = 1024  # waiting queue bound; beyond it, 429
 
 

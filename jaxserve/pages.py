@@ -2,6 +2,8 @@
 
 Knows nothing about requests; the scheduler decides who owns which pages. With data
 parallelism each dp group owns one contiguous range of page ids (its devices hold them).
+The prefix cache marks the pages it holds (`set_cached`), so the allocator can keep, in O(1)
+per reference change, the count of cached pages no request holds (what eviction can free).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class PageAllocator:
         n = self.pages_per_group
         self._free_lists = [list(range((g + 1) * n - 1, g * n - 1, -1)) for g in range(num_groups)]
         self._refs = [0] * num_pages
+        self._cached = [False] * num_pages  # held by the prefix cache
+        self._cache_only = [0] * num_groups  # cached pages with no other holder, per group
 
     @property
     def _free(self) -> list[int]:
@@ -63,6 +67,8 @@ class PageAllocator:
         for p in pages:
             if self._refs[p] == 0:
                 raise ValueError(f"page {p} is free; cannot retain it")
+            if self._cached[p] and self._refs[p] == 1:
+                self._cache_only[self.group_of(p)] -= 1
             self._refs[p] += 1
 
     def ref_count(self, page: int) -> int:
@@ -72,9 +78,23 @@ class PageAllocator:
         for p in pages:
             if self._refs[p] == 0:
                 raise ValueError(f"page {p} freed twice")
+            if self._cached[p] and self._refs[p] == 1:
+                raise ValueError(f"page {p}: the cache must unmark it (set_cached) first")
             self._refs[p] -= 1
+            if self._cached[p] and self._refs[p] == 1:
+                self._cache_only[self.group_of(p)] += 1  # only the cache holds it now
             if self._refs[p] == 0:
                 self._free_lists[self.group_of(p)].append(p)
+
+    def set_cached(self, page: int, cached: bool) -> None:
+        """The prefix cache took (or dropped) one of its references to `page`."""
+        if self._cached[page] != cached and self._refs[page] == 1:
+            self._cache_only[self.group_of(page)] += 1 if cached else -1
+        self._cached[page] = cached
+
+    def num_cache_only(self, group: int | None = None) -> int:
+        """Pages marked cached that nothing else holds (of one group, or all)."""
+        return sum(self._cache_only) if group is None else self._cache_only[group]
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:

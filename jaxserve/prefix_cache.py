@@ -72,33 +72,34 @@ class PrefixCache:
                 self._pages.move_to_end(key)
                 continue
             self.allocator.retain([page])
+            self.allocator.set_cached(page, True)
             self._pages[key] = page
 
     def num_evictable(self, group: int | None = None) -> int:
-        """Cached pages only the cache holds (of one dp group, or all)."""
-        return sum(
-            self.allocator.ref_count(p) == 1
-            for p in self._pages.values()
-            if group is None or self.allocator.group_of(p) == group
-        )
+        """Cached pages only the cache holds (of one dp group, or all); O(1), the allocator
+        keeps the count."""
+        return self.allocator.num_cache_only(group)
 
     def evict(self, num_pages: int, group: int | None = None) -> int:
         """Free up to `num_pages` least-recently-used pages that only the cache holds."""
-        freed = 0
-        for key in list(self._pages):
-            if freed >= num_pages:
-                break
-            page = self._pages[key]
+        victims = []
+        for key, page in self._pages.items() if num_pages > 0 else ():
             if group is not None and self.allocator.group_of(page) != group:
                 continue
             if self.allocator.ref_count(page) == 1:
-                del self._pages[key]
-                self.allocator.free([page])
-                freed += 1
-        return freed
+                victims.append(key)
+                if len(victims) >= num_pages:
+                    break
+        for key in victims:
+            self._drop(self._pages.pop(key))
+        return len(victims)
 
     def clear(self) -> None:
         """Drop every cached page (pages still used by requests stay theirs)."""
         for page in self._pages.values():
-            self.allocator.free([page])
+            self._drop(page)
         self._pages.clear()
+
+    def _drop(self, page: int) -> None:
+        self.allocator.set_cached(page, False)
+        self.allocator.free([page])

@@ -208,7 +208,7 @@ class Scheduler:
             # The reserve only applies while others run: a lone request always gets in.
             estimate = n - len(cached) * self.page_size + math.ceil(left * self.new_token_ratio)
             blocked = need_pages > self._free_pages(group) or (
-                self._group_running(group) and estimate > free_tokens  # (chunks run too)
+                bool(self._group_running(group)) and estimate > free_tokens  # (chunks too)
             )
             length = min(n - len(cached) * self.page_size, budget)
             if length < n - len(cached) * self.page_size and not cfg.chunked_prefill:
@@ -298,14 +298,32 @@ class Scheduler:
         decoding = [r for r in self.running if r.state is RequestState.DECODING]
         retracted: list[Request] = []
 
-        def missing(r: Request) -> int:  # pages r needs to write its next token
-            return max(0, pages_for(r.num_computed + 1, self.page_size) - len(r.pages))
+        def missing(r: Request, steps: int = 1) -> int:
+            """Pages r needs to write its next `steps` tokens (no more than it may produce)."""
+            left = max(1, min(r.params.max_tokens - len(r.output_token_ids), steps))
+            left = min(left, max(1, self.cfg.max_model_len - r.num_computed))
+            return max(0, pages_for(r.num_computed + left, self.page_size) - len(r.pages))
 
         for group in range(self.num_groups):  # each dp group decodes from its own pages
             mine = [r for r in decoding if self.group_of(r.slot) == group]
-            while sum(missing(r) for r in mine) > self._free_pages(group) and len(mine) > 1:
-                # Retract what costs least to redo: the fewest cached tokens, newest on ties.
-                victim = min(mine, key=lambda r: (r.num_computed, -r.arrival_time))
+            if sum(missing(r) for r in mine) <= self._free_pages(group):
+                continue
+            # Out of pages. As SGLang: retract the request with the fewest output tokens
+            # (longest prompt, then newest, on ties) until the rest have room for
+            # `retract_decode_steps` more steps, so retractions don't repeat every step.
+            steps = self.cfg.retract_decode_steps
+            while len(mine) > 1 and (
+                sum(missing(r) for r in mine) > self._free_pages(group)
+                or sum(missing(r, steps) for r in mine) > self._free_pages(group)
+            ):
+                victim = min(
+                    mine,
+                    key=lambda r: (
+                        len(r.output_token_ids),
+                        -len(r.prompt_token_ids),
+                        -r.arrival_time,
+                    ),
+                )
                 mine.remove(victim)
                 decoding.remove(victim)
                 self.retract(victim)

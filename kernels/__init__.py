@@ -8,9 +8,9 @@ This package depends only on JAX.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from kernels import reference
-from kernels.reference import write_kv
 
 __all__ = ["extend_attention", "mixed_attention", "paged_attention", "write_kv", "resolve_impl"]
 
@@ -25,6 +25,17 @@ def resolve_impl(impl: str | None, platform: str | None = None) -> str:
         return impl
     platform = platform or jax.default_backend()
     return "reference" if platform == "cpu" else "pallas"
+
+
+def _arrays(*xs):
+    """numpy arrays, lists or jax arrays (tracers included) as jax arrays: the kernels index
+    with traced values inside loops, which a numpy array can't take."""
+    return tuple(jnp.asarray(x) for x in xs)
+
+
+def write_kv(k_pages, v_pages, k, v, slot_mapping):
+    """Scatter new K/V rows into their pages; see `kernels.reference.write_kv`."""
+    return reference.write_kv(*_arrays(k_pages, v_pages, k, v, slot_mapping))
 
 
 def _backend_module(platform: str):
@@ -52,6 +63,7 @@ def paged_attention(
 ):
     """Decode attention; see `kernels.reference.paged_attention` for the contract."""
     impl = resolve_impl(impl, platform)
+    q, k_pages, v_pages, page_table, lengths = _arrays(q, k_pages, v_pages, page_table, lengths)
     kw = dict(scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if impl == "reference":
         return reference.paged_attention(q, k_pages, v_pages, page_table, lengths, **kw)
@@ -78,6 +90,9 @@ def extend_attention(
 ):
     """Ragged prefill/extend attention; see `kernels.reference.extend_attention`."""
     impl = resolve_impl(impl, platform)
+    q, k_pages, v_pages, page_table, block_seq, positions = _arrays(
+        q, k_pages, v_pages, page_table, block_seq, positions
+    )
     kw = dict(block_q=block_q, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if impl == "reference":
         return reference.extend_attention(
@@ -114,6 +129,7 @@ def mixed_attention(
     block sizes it is tuned for, as tpu-inference's ragged kernel runs decode-only and
     prefill ranges with their own static blocks. Returns [n + T, H, D].
     """
+    q, decode_page_table = _arrays(q, decode_page_table)
     n = decode_page_table.shape[0]
     kw = dict(
         scale=scale, sliding_window=sliding_window, soft_cap=soft_cap, impl=impl, platform=platform

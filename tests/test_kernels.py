@@ -253,6 +253,38 @@ def test_mixed_attention_decode_rows_and_prefill_segments(impl: str, platform) -
     assert (np.asarray(out)[q_pos < 0] == 0).all()
 
 
+def _numpy(args) -> list:
+    return [np.asarray(a) for a in args]
+
+
+@pytest.mark.parametrize(
+    "impl,platform", [("reference", None), ("interpret", "gpu"), ("interpret", "tpu")]
+)
+def test_public_ops_accept_numpy(impl: str, platform) -> None:
+    """Called eagerly with numpy arrays (as a user would), every public op gives what it
+    gives for jax arrays; numpy indexing by a traced loop index used to raise."""
+    shape = Shape(9, 3, 64, 16)
+    kw = dict(impl=impl, platform=platform, **shape.attn_kwargs)
+    args = _decode_inputs(shape, [5, 17, 0])
+    want = kernels.paged_attention(*args, **kw)
+    got = kernels.paged_attention(*_numpy(args), **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+    args = _extend_inputs(shape, [(20, 0), (5, 30)], 16)
+    want = kernels.extend_attention(*args, block_q=16, **kw)
+    got = kernels.extend_attention(*_numpy(args), block_q=16, **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+    q, k, v, table, block_seq, pos = _numpy(args)
+    q_mixed = np.concatenate([q[:1], q])  # one decode row, then the extend tokens
+    got = kernels.mixed_attention(
+        q_mixed, k, v, table[:1], np.array([3], np.int32), table, block_seq, pos, block_q=16, **kw
+    )
+    np.testing.assert_allclose(np.asarray(got)[1:], np.asarray(want), atol=1e-6)
+    new = np.ones((2, shape.kv_heads, shape.head_dim), np.float32)
+    k2, v2 = kernels.write_kv(k, v, new, 2 * new, np.array([0, -1], np.int32))
+    assert (np.asarray(k2)[0, 0] == 1).all() and (np.asarray(v2)[0, 0] == 2).all()
+    np.testing.assert_array_equal(np.asarray(k2)[1:], k[1:])
+
+
 LOWERING = {"gpu": ("cuda", "xla.gpu.triton"), "tpu": ("tpu", "tpu_custom_call")}
 LOWERING_SHAPES = [
     Shape(9, 3, 64, 16),

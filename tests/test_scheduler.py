@@ -148,6 +148,32 @@ def test_retraction_resets_new_token_ratio():
     assert s.allocator.num_free == 3
 
 
+@pytest.mark.parametrize("steps,victims", [(1, ["a"]), (20, ["a", "c"])])
+def test_retraction_picks_fewest_outputs_longest_prompt_and_keeps_room(steps, victims):
+    """SGLang's rule: the fewest output tokens, longest prompt on ties (newest next), and
+    retract until the rest can decode `retract_decode_steps` more steps."""
+    cfg = SchedulerConfig(
+        max_running_requests=3,
+        max_model_len=16,
+        init_new_token_ratio=0.0,
+        min_new_token_ratio=0.0,
+        retract_decode_steps=steps,
+    )
+    s = Scheduler(cfg, page_size=4, num_pages=6)
+    from jaxserve.request import Request
+
+    a = Request("a", [1] * 8, greedy(8))
+    b, c = Request("b", [2] * 4, greedy(12)), Request("c", [3] * 4, greedy(12))
+    for r in (a, b, c):
+        s.add(r)
+    plan = s.schedule()
+    assert [ch.request for ch in plan.prefill] == [a, b, c]
+    s.update(plan, [1, 1, 1])
+    plan = s.schedule()  # 3 pages needed, 2 free: retract a (the longest prompt) first
+    assert [r.request_id for r in plan.retracted] == victims
+    assert [r.request_id for r in plan.decode] == [x for x in "abc" if x not in victims]
+
+
 def test_new_token_ratio_decays_while_memory_is_fine(engines):
     e = engines()
     e.add_request("a", [1], greedy(10))

@@ -116,6 +116,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         for page in range(s.allocator.num_pages):
             refs = s.allocator.ref_count(page)
             assert refs == holders[page] + cached.get(page, 0), (page, refs)
+        if cache is not None:  # the O(1) count of pages eviction can free
+            only_cache = sum(s.allocator.ref_count(p) == 1 for p in cached)
+            assert cache.num_evictable() == only_cache
         free = set(s.allocator._free)
         assert len(free) == s.allocator.num_free  # no page twice on the free list
         assert all(s.allocator.ref_count(p) == 0 for p in free)

@@ -291,12 +291,12 @@ def bad(path: str, body: dict, status: int, param: str | None, code: str | None 
 
 
 BAD_BODIES = [
-    bad("completions", {**CMPL, "max_tokens": "lots"}, 422, "max_tokens"),
-    bad("completions", {**CMPL, "prompt": 5}, 422, "prompt"),
-    bad("completions", {"model": MODEL}, 422, "prompt"),
-    bad("completions", {**CMPL, "stop": [1, 2]}, 422, "stop"),
-    bad("chat/completions", {**CHATB, "messages": "hi"}, 422, "messages"),
-    bad("chat/completions", {**CHATB, "messages": [{"role": "wizard", "content": "x"}]}, 422, None),
+    bad("completions", {**CMPL, "max_tokens": "lots"}, 400, "max_tokens"),
+    bad("completions", {**CMPL, "prompt": 5}, 400, "prompt"),
+    bad("completions", {"model": MODEL}, 400, "prompt"),
+    bad("completions", {**CMPL, "stop": [1, 2]}, 400, "stop"),
+    bad("chat/completions", {**CHATB, "messages": "hi"}, 400, "messages"),
+    bad("chat/completions", {**CHATB, "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
     bad("completions", {**CMPL, "prompt": ""}, 400, "prompt"),
     bad("completions", {**CMPL, "prompt": []}, 400, "prompt"),
     bad("completions", {**CMPL, "prompt": [[1, 2], []]}, 400, "prompt"),
@@ -520,6 +520,37 @@ def test_not_ready_until_the_engine_runs():
     assert r.status_code == 503 and r.json() == {"status": "loading"}
     assert_error(client.post("/v1/completions", json=CMPL), 503, code="not_ready")
     assert client.get("/metrics").status_code == 200
+
+
+def test_dead_engine_thread_fails_health_and_requests():
+    """The engine thread dies (not a step error: the loop itself): /health answers 500
+    "failed", new requests get 503, and `on_crash` hears why (the CLI stops and exits 1)."""
+    from fastapi.testclient import TestClient
+
+    from tests.test_scheduler import make_engine
+
+    engine = make_engine()
+    heard: list[str] = []
+    bridge = Bridge(engine, on_crash=heard.append)
+    client = TestClient(create_app(bridge, ServerConfig(), MODEL))
+    bridge.start()
+    assert client.get("/health").json() == {"status": "ok"}
+
+    def broken() -> bool:
+        raise RuntimeError("boom")
+
+    engine.has_work = broken  # type: ignore[method-assign]
+    bridge._commands.put(lambda: None)  # wake the loop
+    deadline = time.monotonic() + 10
+    while bridge.failure is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    r = client.get("/health")
+    assert r.status_code == 500 and r.json()["status"] == "failed"
+    assert "RuntimeError: boom" in r.json()["error"]
+    assert heard == [bridge.failure]
+    err = assert_error(client.post("/v1/completions", json=CMPL), 503, code="not_ready")
+    assert "failed" in err["message"]
+    bridge.stop()
 
 
 def metric_values(url: str) -> dict[str, float]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from jaxserve.config import CacheConfig, SchedulerConfig, load_config
+from jaxserve.prefix_cache import PrefixCache
 from jaxserve.request import Request, SamplingParams
 from jaxserve.scheduler import Scheduler
 from jaxserve.simulate import cli as sim_cli
@@ -109,9 +110,27 @@ def test_tight_memory_retracts_and_still_finishes_everything():
     assert r["retractions"] > 0 and r["completed"] == 6 and r["output_tokens"] == 120
 
 
-# ---- the fast prefix-cache bookkeeping changes no decision ----------------------------------
+# ---- the allocator's O(1) evictable count is exact ------------------------------------------
 @pytest.mark.parametrize("policy", ["continuous", "static"])
-def test_fast_cache_matches_the_stock_prefix_cache(policy):
+def test_evictable_count_equals_a_recount_at_every_call(policy, monkeypatch):
+    """`PrefixCache.num_evictable` reads a count the allocator keeps per reference change;
+    through a run with evictions, retractions and prefix hits it must equal a full recount."""
+    counted = PrefixCache.num_evictable
+    calls = []
+
+    def checked(self, group=None):
+        n = counted(self, group)
+        alloc = self.allocator
+        recount = sum(
+            alloc.ref_count(p) == 1
+            for p in self._pages.values()
+            if group is None or alloc.group_of(p) == group
+        )
+        assert n == recount
+        calls.append(n)
+        return n
+
+    monkeypatch.setattr(PrefixCache, "num_evictable", checked)
     shared = list(range(1, 17))
     trace = [
         TraceRequest(0.05 * i, shared + [100 + i] * (1 + i % 5), 8 + (7 * i) % 19)
@@ -120,15 +139,10 @@ def test_fast_cache_matches_the_stock_prefix_cache(policy):
     # No reserve for future tokens and little memory: evictions and retractions both happen.
     cfg = sched_cfg(max_running_requests=6, policy=policy, init_new_token_ratio=0.0)
     cache = CacheConfig(page_size=4, num_pages=24)
-    runs = [
-        simulate(trace, ConstantCost(0.1), cfg, cache, record_steps=True, fast_cache=fast)
-        for fast in (True, False)
-    ]
-    fast, stock = runs
-    assert stock.retractions > 0
-    assert [s.shape for s in fast.steps] == [s.shape for s in stock.steps]
-    assert summarize(fast) == summarize(stock)
-    assert any(s.shape.prefill_kv_read for s in stock.steps)  # prefix hits happened
+    st = simulate(trace, ConstantCost(0.1), cfg, cache, record_steps=True)
+    assert st.retractions > 0 and summarize(st)["completed"] == 40
+    assert any(s.shape.prefill_kv_read for s in st.steps)  # prefix hits happened
+    assert max(calls) > 0  # pages only the cache held were counted (and evicted)
 
 
 # ---- shapes: what BatchBuilder pads to ------------------------------------------------------
@@ -274,17 +288,11 @@ def test_thousands_of_requests_take_seconds():
 
 
 # ---- against the real engine ----------------------------------------------------------------
-def test_measured_model_reproduces_a_real_engine_run(engine):
+@pytest.fixture(scope="module")
+def real_and_simulated(engine):
     """The seed's high-concurrency scenario at a quarter size (64 requests on 32 slots), on the
     session engine (configs/test.toml) and a static twin, and through the simulator with the
-    same config.
-
-    The plans must be the very same (same scheduler, same requests, all submitted at once), so
-    the step counts match exactly. Time is the cost model's: the continuous/static ratio must
-    be within 15%. Absolute throughput moves with other people's jobs on the shared cores
-    (1.5-2x, docs/benchmarks.md), so it only has to be within a factor of 2 here; the 15%
-    comparison is the full-size one in docs/simulation.md, with the load recorded.
-    """
+    same config (the measured cost model)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench_batching
 
@@ -307,11 +315,27 @@ def test_measured_model_reproduces_a_real_engine_run(engine):
         p: summarize(simulate(trace, cost, e.cfg.scheduler, e.cfg.cache))
         for p, e in engines.items()
     }
+    return real, sim, sum(outs)
+
+
+def test_simulator_plans_the_real_engines_steps(real_and_simulated):
+    """Same scheduler, same requests, all submitted at once: the plans must be the very
+    same, so step counts by mode, tokens and slot utilisation match exactly."""
+    real, sim, total = real_and_simulated
     keys = ("prefill_steps", "decode_steps", "mixed_steps")
-    for p in engines:
+    for p in ("continuous", "static"):
         assert [sim[p][k] for k in keys] == [real[p][k] for k in keys], p
-        assert sim[p]["output_tokens"] == real[p]["output_tokens"] == sum(outs)
+        assert sim[p]["output_tokens"] == real[p]["output_tokens"] == total
         assert sim[p]["slot_utilisation"] == pytest.approx(real[p]["slot_utilisation"])
+
+
+@pytest.mark.slow
+def test_measured_model_predicts_the_real_throughput(real_and_simulated):
+    """Time is the cost model's: the continuous/static ratio within 30% of the real one (the
+    issue's 15% is checked at full size in docs/simulation.md, on a quiet machine). A timing
+    check, so `slow`: on shared cores the real side moves 1.5-2x with the neighbours."""
+    real, sim, _ = real_and_simulated
+    for p in ("continuous", "static"):
         assert 0.5 < sim[p]["output_tok_per_s"] / real[p]["output_tok_per_s"] < 2.0, p
     ratio = {
         name: r["continuous"]["output_tok_per_s"] / r["static"]["output_tok_per_s"]
@@ -319,8 +343,4 @@ def test_measured_model_reproduces_a_real_engine_run(engine):
     }
     print(f"continuous/static real {ratio['real']:.3f}, simulated {ratio['sim']:.3f}")
     assert ratio["real"] > 1.05  # the trace does separate the policies
-    # 15% is the issue's bar, met in the full-size runs of docs/simulation.md on a quiet
-    # machine; here the real side runs on shared cores (seen: 1.15 real vs 1.33 simulated
-    # under a load average of 5), so CI allows 30%: still fails a cost model that misprices
-    # a forward mode.
     assert ratio["sim"] == pytest.approx(ratio["real"], rel=0.30)

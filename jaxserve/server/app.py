@@ -74,10 +74,9 @@ def create_app(bridge: Bridge, server_cfg: ServerConfig, model_name: str) -> Fas
 
     def limits() -> Limits:
         if not bridge.ready or bridge.engine is None:
-            why = "shutting down" if bridge.draining else "warming up; retry shortly"
             raise APIError(
                 503,
-                f"server is {why}",
+                f"server is {bridge.not_ready_reason}",
                 "server_error",
                 code="not_ready",
                 headers={"Retry-After": "5"},
@@ -122,6 +121,8 @@ def create_app(bridge: Bridge, server_cfg: ServerConfig, model_name: str) -> Fas
     async def health() -> JSONResponse:
         if bridge.ready:
             return JSONResponse({"status": "ok"})
+        if bridge.failure:  # the engine thread died: the process is about to exit non-zero
+            return JSONResponse({"status": "failed", "error": bridge.failure}, status_code=500)
         status = "shutting_down" if bridge.draining else "loading"
         return JSONResponse({"status": status}, status_code=503)
 

@@ -58,8 +58,12 @@ def _deliver(items: list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]) ->
 class Bridge:
     """Runs `engine.step()` in a thread; `submit`/`abort` are queued to it between steps."""
 
-    def __init__(self, engine: Engine | None = None):
+    def __init__(self, engine: Engine | None = None, on_crash: Callable[[str], None] | None = None):
         self.engine = engine
+        # The engine thread died: /health fails, and `on_crash` (the CLI: stop the server,
+        # exit non-zero) hears why. A supervisor restarts the process; nothing here can.
+        self.failure: str | None = None
+        self.on_crash = on_crash
         self.snapshot = EngineSnapshot()
         self.metrics = ServingMetrics(lambda: self.snapshot)
         self.draining = False  # shutdown began: refuse new requests, finish the others
@@ -75,6 +79,12 @@ class Bridge:
     @property
     def ready(self) -> bool:
         return self._running and not self.draining
+
+    @property
+    def not_ready_reason(self) -> str:
+        if self.failure:
+            return f"failed ({self.failure})"
+        return "shutting down" if self.draining else "warming up; retry shortly"
 
     def start(self, engine: Engine | None = None) -> None:
         self.engine = engine or self.engine
@@ -98,8 +108,7 @@ class Bridge:
     async def submit(self, requests: Sequence[Submission]) -> asyncio.Queue[RequestOutput]:
         """Add all requests atomically (all or none); engine input errors raise here."""
         if not self.ready:
-            why = "shutting down" if self.draining else "not ready (model warming up)"
-            raise EngineUnavailableError(f"server is {why}")
+            raise EngineUnavailableError(f"server is {self.not_ready_reason}")
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
@@ -164,13 +173,19 @@ class Bridge:
                 if self._running and engine.has_work():
                     self._step()
                 self._snapshot()
-        except Exception:
+        except Exception as exc:
             log.exception("engine thread crashed")
+            self.failure = f"engine thread crashed: {type(exc).__name__}: {exc}"
         finally:
             self._running = False
             while not self._commands.empty():  # resolve submits that raced with stop
                 self._run_command(self._commands.get_nowait())
-            self._fail_streams("server stopped")
+            if self.failure:
+                self._fail_streams(self.failure, FinishReason.ERROR)
+            else:
+                self._fail_streams("server stopped")
+            if self.failure and self.on_crash is not None:
+                self.on_crash(self.failure)
 
     def _drain(self, block: bool) -> None:
         try:

@@ -74,7 +74,7 @@ def from_engine_error(exc: Exception) -> APIError:
 
 
 def from_validation_error(exc: ValidationError | RequestValidationError) -> APIError:
-    """A pydantic error list -> one message naming the first bad field (422)."""
+    """A pydantic error list -> one message naming the first bad field (400, as OpenAI)."""
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": str(exc)}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -84,7 +84,7 @@ def from_validation_error(exc: ValidationError | RequestValidationError) -> APIE
     given = given if len(given) <= 60 else given[:57] + "..."
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
     message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}, got {given}{more}"
-    return APIError(422, message, param=param, code="invalid_type")
+    return APIError(400, message, param=param, code="invalid_type")
 
 
 async def _api_error(_: Request, exc: Exception) -> JSONResponse:

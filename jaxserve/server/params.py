@@ -274,5 +274,5 @@ async def read_json(request: Request) -> dict[str, Any]:
 
 
 async def parse_body(request: Request, model: type[M]) -> M:
-    """`read_json`, then the pydantic model (422 on types)."""
+    """`read_json`, then the pydantic model (400 on types, as OpenAI answers)."""
     return model.model_validate(await read_json(request))

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from jaxserve.config import CacheConfig, SchedulerConfig, resolve_for_platform
 from jaxserve.request import Request, SamplingParams
 from jaxserve.scheduler import Scheduler
-from jaxserve.simulate import fastcache
 from jaxserve.simulate.cost import CostModel
 from jaxserve.simulate.shapes import ShapeOf, StepShape
 from jaxserve.simulate.trace import TraceRequest
@@ -73,14 +72,10 @@ def simulate(
     scheduler: SchedulerConfig,
     cache: CacheConfig,
     record_steps: bool = False,
-    fast_cache: bool = True,
 ) -> SimState:
-    """Run `trace` to completion; the clock starts at the first arrival. `fast_cache=False`
-    keeps the stock prefix-cache bookkeeping (same decisions, much slower: fastcache.py)."""
+    """Run `trace` to completion; the clock starts at the first arrival."""
     cfg = resolve_for_platform(scheduler, cost.platform)
     sched = Scheduler(cfg, cache.page_size, cache.num_pages, eos_token_ids=())
-    if fast_cache:
-        fastcache.install(sched)
     shape_of = ShapeOf(cfg)
     order = sorted(range(len(trace)), key=lambda i: trace[i].arrival_s)
     n = len(trace)
