@@ -442,8 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64, help="per request, drawn 1..this")
     p.add_argument("--calibrate-concurrency", type=int, default=32)
     p.add_argument("--calibrate-s", type=float, default=60.0)
-    p.add_argument("--max-connections", type=int, default=512)
-    p.add_argument("--request-timeout-s", type=float, default=600.0)
+    # Above the server's max_waiting + slots, so overload meets its 429, not our own queue.
+    p.add_argument("--max-connections", type=int, default=1536)
+    p.add_argument("--request-timeout-s", type=float, default=3600.0)
     p.add_argument("--sample-every-s", type=float, default=10.0)
     p.add_argument("--warmup-s", type=float, default=120.0, help="RSS baseline starts here")
     p.add_argument("--rss-window-s", type=float, default=120.0)
