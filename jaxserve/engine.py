@@ -251,6 +251,8 @@ class Engine:
             detok.add(token)
             if detok.stopped and not req.finished:
                 self.scheduler.finish(req, FinishReason.STOP)
+            elif detok.stopped and req.finish_reason is FinishReason.LENGTH:
+                req.finish_reason = FinishReason.STOP  # completed on the last allowed token
             logprobs = None
             if req.params.logprobs is not None:
                 k = req.params.logprobs

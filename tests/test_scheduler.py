@@ -379,3 +379,14 @@ def test_prefix_cache_chains_pages_with_sha256_digests():
     assert keys[0] == (b"", (1, 2))
     assert keys[1] == (first, (3, 4))
     assert keys[2][0] == hashlib.sha256(first + array.array("q", [3, 4]).tobytes()).digest()
+
+
+@pytest.mark.parametrize("max_tokens,reason", [(3, "stop"), (2, "length"), (4, "stop")])
+def test_stop_string_completed_on_the_last_allowed_token_reports_stop(max_tokens, reason):
+    """OpenAI reports `stop` when a stop string ends the text, even on the last token."""
+    e = make_engine()
+    prompt = [1, 2, 3]
+    text = FakeTokenizer().decode(expected_tokens(prompt, 4))
+    e.add_request("s", prompt, SamplingParams(max_tokens=max_tokens, stop=(text[1:3],)))
+    outs = [o for _ in range(20) for o in e.step() if o.finished]
+    assert [o.finish_reason.value for o in outs] == [reason]
