@@ -162,7 +162,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     cfg, _ = _engine_config(args)
     engine = _load_engine(cfg, warmup=False)  # compile only the shapes this prompt needs
-    _stream_print(engine, engine.tokenizer.encode(args.prompt), _sampling(args))
+    # Plain text gets the model's BOS if its tokenizer adds one (Gemma, Llama 3), as HF does.
+    prompt = engine.tokenizer.encode(args.prompt, add_special_tokens=True)
+    _stream_print(engine, prompt, _sampling(args))
     return 0
 
 

@@ -19,17 +19,44 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 style RoPE frequency scaling (`rope_scaling.rope_type == "llama3"`)."""
+    """RoPE frequency scaling: Llama-3 style (`rope_type == "llama3"`) or linear (every
+    frequency divided by `factor`, Gemma 3's global layers)."""
 
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+    kind: Literal["llama3", "linear"] = "llama3"
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How a family's decoder differs from Llama's: the switches of `models/llama.py`.
+
+    The defaults are Llama; `jaxserve/weights/families.py` sets them per family from a
+    config.json or GGUF metadata.
+    """
+
+    family: str = "llama"  # config.json model_type / GGUF general.architecture it came from
+    qkv_bias: bool = False  # q/k/v projections add a bias (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3, Gemma 3)
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + w): 1 for Gemma
+    post_norms: bool = False  # RMSNorm on the attention and MLP outputs too (Gemma 2/3)
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size), in the model dtype (Gemma)
+    mlp_act: Literal["silu", "gelu_tanh"] = "silu"  # of the gated MLP's gate branch
+    query_scale: float | None = None  # attention softmax scale; None = head_dim ** -0.5
+    sliding_window: int | None = None  # keys a local layer sees, itself included
+    local_layers: tuple[bool, ...] = ()  # per layer: True = local (sliding window); () = none
+    # Local layers' RoPE base (unscaled); None = the global rope_theta and rope_scaling.
+    local_rope_theta: float | None = None
+
+    def is_local(self, layer: int) -> bool:
+        return bool(self.local_layers) and self.local_layers[layer]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a Llama-family model."""
+    """Shape and numerics of a Llama-like model; `arch` holds what its family changes."""
 
     vocab_size: int
     hidden_size: int
@@ -47,6 +74,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     add_bos: bool = False
     name: str = "model"
+    arch: Arch = Arch()
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,13 @@ def replicate_kv_heads(
         dm = w.shape[0]
         return np.repeat(w.reshape(dm, kvh, cfg.head_dim), copies, axis=1).reshape(dm, -1)
 
-    layers = tuple(lp.replace(wk=repeat(lp.wk), wv=repeat(lp.wv)) for lp in params.layers)
+    def repeat_bias(b: Any) -> np.ndarray | None:  # [KVH * D] -> [tp * D]
+        return None if b is None else repeat(np.asarray(b)[None, :])[0]
+
+    layers = tuple(
+        lp.replace(wk=repeat(lp.wk), wv=repeat(lp.wv), bk=repeat_bias(lp.bk), bv=repeat_bias(lp.bv))
+        for lp in params.layers
+    )
     return dataclasses.replace(cfg, num_kv_heads=tp), params.replace(layers=layers)
 
 
@@ -135,6 +141,7 @@ class MeshLayout:
         vocab_col = COLUMN if self.shard_vocab else P()
 
         def layer(lp: LayerParams) -> LayerParams:
+            maybe = lambda a, spec: None if a is None else self.named(spec)  # noqa: E731
             return LayerParams(
                 attn_norm=rep,
                 wq=self._weight(lp.wq, COLUMN),
@@ -145,6 +152,14 @@ class MeshLayout:
                 w_gate=self._weight(lp.w_gate, COLUMN),
                 w_up=self._weight(lp.w_up, COLUMN),
                 w_down=self._weight(lp.w_down, ROW),
+                # q/k/v biases split with their heads; per-head and output norms replicated.
+                bq=maybe(lp.bq, P(TP)),
+                bk=maybe(lp.bk, P(TP)),
+                bv=maybe(lp.bv, P(TP)),
+                q_norm=maybe(lp.q_norm, P()),
+                k_norm=maybe(lp.k_norm, P()),
+                post_attn_norm=maybe(lp.post_attn_norm, P()),
+                post_mlp_norm=maybe(lp.post_mlp_norm, P()),
             )
 
         head = params.lm_head
@@ -229,14 +244,17 @@ class MeshLayout:
         static = {k: v for k, v in attend.keywords.items() if k not in arrays}
         kv = P(None, None, TP, None)
 
-        def local(q, k_pages, v_pages, arrays):
-            return attend.func(q, k_pages, v_pages, **arrays, **static)
+        def run(q, k_pages, v_pages, **overrides):  # overrides: a layer's sliding_window
+            def local(q, k_pages, v_pages, arrays):
+                return attend.func(q, k_pages, v_pages, **arrays, **(static | overrides))
 
-        mapped = jax.shard_map(
-            local,
-            in_specs=(HEADS_SPEC, kv, kv, P()),
-            out_specs=HEADS_SPEC,
-            axis_names={TP},
-            check_vma=False,
-        )
-        return lambda q, k_pages, v_pages: mapped(q, k_pages, v_pages, arrays)
+            mapped = jax.shard_map(
+                local,
+                in_specs=(HEADS_SPEC, kv, kv, P()),
+                out_specs=HEADS_SPEC,
+                axis_names={TP},
+                check_vma=False,
+            )
+            return mapped(q, k_pages, v_pages, arrays)
+
+        return run

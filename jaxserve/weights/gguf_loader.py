@@ -1,4 +1,4 @@
-"""Llama-family GGUF files -> `ModelConfig` and float32 numpy `LlamaParams`.
+"""GGUF files (llama, qwen2, qwen3, gemma3) -> `ModelConfig` and float32 numpy `LlamaParams`.
 
 The cheap checks (magic, architecture, tensor names, quant types) run before any dequantisation.
 """
@@ -14,9 +14,16 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
-from jaxserve.config import ModelConfig, RopeScaling
+from jaxserve.config import Arch, ModelConfig, RopeScaling
 from jaxserve.errors import UnsupportedModelError
 from jaxserve.models.llama import LayerParams, LlamaParams
+from jaxserve.weights.families import (
+    GGUF_ARCHS,
+    MATRICES,
+    gguf_arch,
+    gguf_layer_tensors,
+    unsupported,
+)
 
 SUPPORTED_QUANTS = frozenset(
     GGMLQuantizationType[name]
@@ -25,19 +32,6 @@ SUPPORTED_QUANTS = frozenset(
         *("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"),
     )
 )
-# GGUF tensor name per LayerParams field ("blk.N." prefix); `wq`/`wk` also need un-permuting.
-LAYER_TENSORS = {
-    "attn_norm": "attn_norm",
-    "wq": "attn_q",
-    "wk": "attn_k",
-    "wv": "attn_v",
-    "wo": "attn_output",
-    "mlp_norm": "ffn_norm",
-    "w_gate": "ffn_gate",
-    "w_up": "ffn_up",
-    "w_down": "ffn_down",
-}
-NORMS = ("attn_norm", "mlp_norm")
 
 
 @dataclass(frozen=True)
@@ -141,18 +135,16 @@ def open_gguf(path: Path) -> GGUFFile:
 
 
 def gguf_config(gf: GGUFFile) -> ModelConfig:
-    """ModelConfig from `llama.*` metadata, after checking every tensor is one we can load."""
+    """ModelConfig from `{arch}.*` metadata, after checking every tensor is one we can load."""
     meta, path, tensors = gf.meta, gf.path, gf.tensors
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise UnsupportedModelError(
-            f"{path}: architecture {arch!r} is not supported (only 'llama')"
-        )
+    arch_name = meta.get("general.architecture")
+    if arch_name not in GGUF_ARCHS:
+        raise UnsupportedModelError(f"{path}: {unsupported('architecture', arch_name, GGUF_ARCHS)}")
 
     def get(key: str, default: Any = None) -> Any:
-        value = meta.get(f"llama.{key}", default)
+        value = meta.get(f"{arch_name}.{key}", default)
         if value is None:
-            raise UnsupportedModelError(f"{path}: metadata llama.{key} is missing")
+            raise UnsupportedModelError(f"{path}: metadata {arch_name}.{key} is missing")
         return value
 
     hidden, num_heads = int(get("embedding_length")), int(get("attention.head_count"))
@@ -160,10 +152,13 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
     if int(get("rope.dimension_count", head_dim)) != head_dim:
         raise UnsupportedModelError(f"{path}: partial rotary embeddings are not supported")
     num_layers = int(get("block_count"))
-    _check_tensors(tensors, num_layers, path)
+    dims = dict(num_layers=num_layers, head_dim=head_dim, hidden_size=hidden, num_heads=num_heads)
+    arch = gguf_arch(meta, arch_name, dims)
+    _check_tensors(tensors, num_layers, arch, path)
     tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = meta.get("llama.vocab_size") or (len(tokens) if tokens else None)
+    vocab = meta.get(f"{arch_name}.vocab_size") or (len(tokens) if tokens else None)
     eos = [meta.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+    default_theta = 1e6 if arch_name == "gemma3" else 10000.0
     return ModelConfig(
         vocab_size=int(vocab or tensors["token_embd.weight"].shape[0]),
         hidden_size=hidden,
@@ -172,15 +167,16 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
         num_heads=num_heads,
         num_kv_heads=int(get("attention.head_count_kv", num_heads)),
         head_dim=head_dim,
-        rope_theta=_f32(get("rope.freq_base", 10000.0)),
+        rope_theta=_f32(get("rope.freq_base", default_theta)),
         rms_norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
         max_position=int(get("context_length", 2048)),
         tie_embeddings="output.weight" not in tensors,
-        rope_scaling=_rope_scaling(meta, tensors, head_dim, path),
+        rope_scaling=_rope_scaling(meta, arch_name, tensors, head_dim, path),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(int(i) for i in eos if i is not None)),
         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         name=path.stem,
+        arch=arch,
     )
 
 
@@ -189,9 +185,10 @@ def _f32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _check_tensors(tensors: dict[str, Any], num_layers: int, path: Path) -> None:
+def _check_tensors(tensors: dict[str, Any], num_layers: int, arch: Arch, path: Path) -> None:
     names = ["token_embd.weight", "output_norm.weight"]
-    names += [f"blk.{i}.{t}.weight" for i in range(num_layers) for t in LAYER_TENSORS.values()]
+    layer = gguf_layer_tensors(arch).values()
+    names += [f"blk.{i}.{t}" for i in range(num_layers) for t in layer]
     missing = [n for n in names if n not in tensors]
     if missing:
         raise UnsupportedModelError(
@@ -204,16 +201,22 @@ def _check_tensors(tensors: dict[str, Any], num_layers: int, path: Path) -> None
             )
 
 
-def _rope_scaling(meta: dict, tensors: dict, head_dim: int, path: Path) -> RopeScaling | None:
-    kind = meta.get("llama.rope.scaling.type", "none")
+def _rope_scaling(
+    meta: dict, arch_name: str, tensors: dict, head_dim: int, path: Path
+) -> RopeScaling | None:
+    kind = meta.get(f"{arch_name}.rope.scaling.type", "none")
+    if kind == "linear":  # Gemma 3's global layers (llama.cpp leaves local layers unscaled)
+        return RopeScaling(factor=_f32(meta[f"{arch_name}.rope.scaling.factor"]), kind="linear")
     if kind not in ("none", None):
         raise UnsupportedModelError(f"{path}: rope scaling type {kind!r} is not supported")
     if "rope_freqs.weight" not in tensors:
         return None
+    if arch_name != "llama":
+        raise UnsupportedModelError(f"{path}: rope_freqs is only supported for llama")
     # llama.cpp bakes Llama-3 scaling into per-frequency divisors; recover the HF parameters
     # (llama.cpp's converter only writes this for rope_type llama3) and check they reproduce it.
     freqs = dequantize(tensors["rope_freqs.weight"].data, tensors["rope_freqs.weight"].qtype)
-    original = int(meta.get("llama.rope.scaling.original_context_length", 8192))
+    original = int(meta.get(f"{arch_name}.rope.scaling.original_context_length", 8192))
     scaling = RopeScaling(factor=float(freqs.max()), original_max_position=original)
     theta = _f32(meta.get("llama.rope.freq_base", 10000.0))
     if not np.allclose(llama3_freq_divisors(scaling, theta, head_dim), freqs.ravel(), rtol=1e-3):
@@ -242,8 +245,15 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def load_gguf_params(gf: GGUFFile, cfg: ModelConfig) -> LlamaParams:
-    """Dequantise every tensor to float32 and lay matrices out as [in, out]."""
+    """Dequantise every tensor to float32 and lay matrices out as [in, out].
+
+    Two llama.cpp conventions are undone: Llama's Q/K rows are permuted for its RoPE layout
+    (the other families use the half-split layout already), and Gemma's norm weights are
+    stored with the 1 of `(1 + w)` added.
+    """
     tensors = gf.tensors
+    permuted = cfg.arch.family == "llama"
+    norm_shift = cfg.arch.norm_offset
 
     def out_in(name: str) -> np.ndarray:  # [out, in] float32, as dequantize returns it
         t = tensors[name]
@@ -252,26 +262,31 @@ def load_gguf_params(gf: GGUFFile, cfg: ModelConfig) -> LlamaParams:
         w = w.copy() if t.qtype == GGMLQuantizationType.F32 else w.astype(np.float32, copy=False)
         return w.reshape(t.shape)
 
+    def norm(name: str) -> np.ndarray:
+        return out_in(name) - np.float32(norm_shift) if norm_shift else out_in(name)
+
     def matrix(name: str, n_heads: int | None = None) -> np.ndarray:  # [in, out]
         w = out_in(name)
-        if n_heads is not None:
+        if n_heads is not None and permuted:
             w = unpermute_rows(w, n_heads)
         return np.ascontiguousarray(w.T)
 
+    heads = {"wq": cfg.num_heads, "wk": cfg.num_kv_heads}
     layers = []
     for i in range(cfg.num_layers):
         pre = f"blk.{i}."
-        heads = {"wq": cfg.num_heads, "wk": cfg.num_kv_heads}
-        fields = {
-            field: out_in(pre + gguf_name + ".weight")
-            if field in NORMS
-            else matrix(pre + gguf_name + ".weight", heads.get(field))
-            for field, gguf_name in LAYER_TENSORS.items()
-        }
+        fields = {}
+        for field, gguf_name in gguf_layer_tensors(cfg.arch).items():
+            if field in MATRICES:
+                fields[field] = matrix(pre + gguf_name, heads.get(field))
+            elif field.startswith("b"):  # q/k/v biases
+                fields[field] = out_in(pre + gguf_name)
+            else:
+                fields[field] = norm(pre + gguf_name)
         layers.append(LayerParams(**fields))
     return LlamaParams(
         embed=out_in("token_embd.weight"),  # [V, Dm]: rows are tokens already
         layers=tuple(layers),
-        final_norm=out_in("output_norm.weight"),
+        final_norm=norm("output_norm.weight"),
         lm_head=None if cfg.tie_embeddings else matrix("output.weight"),
     )

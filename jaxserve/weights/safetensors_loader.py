@@ -1,4 +1,6 @@
-"""Hugging Face Llama directories (config.json + *.safetensors) -> `ModelConfig` + `LlamaParams`.
+"""Hugging Face directories (config.json + *.safetensors) -> `ModelConfig` + `LlamaParams`.
+
+Families: Llama, Qwen2/2.5, Qwen3, Gemma 3 text (`families.py`).
 
 Shards are found by globbing; bf16/f16 tensors become float32 numpy arrays laid out [in, out].
 `lazy=True` returns `LazyTensor`s instead: a device mesh reads each device's slice on its own.
@@ -14,23 +16,14 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 
-from jaxserve.config import ModelConfig, RopeScaling
+from jaxserve.config import Arch, ModelConfig
 from jaxserve.errors import UnsupportedModelError
 from jaxserve.models.llama import LayerParams, LlamaParams
+from jaxserve.weights.families import MATRICES, hf_arch, hf_family, hf_layer_tensors
 
-# HF tensor name per LayerParams field ("model.layers.N." prefix).
-LAYER_TENSORS = {
-    "attn_norm": "input_layernorm",
-    "wq": "self_attn.q_proj",
-    "wk": "self_attn.k_proj",
-    "wv": "self_attn.v_proj",
-    "wo": "self_attn.o_proj",
-    "mlp_norm": "post_attention_layernorm",
-    "w_gate": "mlp.gate_proj",
-    "w_up": "mlp.up_proj",
-    "w_down": "mlp.down_proj",
-}
-NORMS = ("attn_norm", "mlp_norm")
+# Llama's HF tensor name per LayerParams field ("model.layers.N." prefix, ".weight" suffix);
+# every family's names: `families.hf_layer_tensors`.
+LAYER_TENSORS = {f: n.removesuffix(".weight") for f, n in hf_layer_tensors(Arch()).items()}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -50,28 +43,8 @@ def _ids(value: Any) -> list[int]:
 def hf_config(path: Path) -> ModelConfig:
     """ModelConfig from config.json (v4 `rope_scaling` or v5 `rope_parameters` style)."""
     c = _read_json(path / "config.json")
-    if c.get("model_type") != "llama":
-        raise UnsupportedModelError(
-            f"{path}: model_type {c.get('model_type')!r} is not supported (only 'llama')"
-        )
-    for flag in ("attention_bias", "mlp_bias"):
-        if c.get(flag):
-            raise UnsupportedModelError(f"{path}: {flag}=true is not supported")
-    if c.get("hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"{path}: hidden_act {c['hidden_act']!r} is not supported")
-    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type == "llama3":
-        scaling: RopeScaling | None = RopeScaling(
-            factor=float(rope["factor"]),
-            low_freq_factor=float(rope["low_freq_factor"]),
-            high_freq_factor=float(rope["high_freq_factor"]),
-            original_max_position=int(rope["original_max_position_embeddings"]),
-        )
-    elif rope_type == "default":
-        scaling = None
-    else:
-        raise UnsupportedModelError(f"{path}: rope scaling type {rope_type!r} is not supported")
+    family = hf_family(c, path)
+    arch, rope_theta, scaling = hf_arch(c, family, path)
     hidden, num_heads = int(c["hidden_size"]), int(c["num_attention_heads"])
     eos = _ids(c.get("eos_token_id"))
     if (path / "generation_config.json").is_file():  # instruct models stop on more ids here
@@ -85,22 +58,25 @@ def hf_config(path: Path) -> ModelConfig:
         num_heads=num_heads,
         num_kv_heads=int(c.get("num_key_value_heads") or num_heads),
         head_dim=int(c.get("head_dim") or hidden // num_heads),
-        rope_theta=float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+        rope_theta=rope_theta,
         rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
         max_position=int(c.get("max_position_embeddings", 2048)),
-        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        # Gemma's config classes default to tied embeddings, Llama's and Qwen's to untied.
+        tie_embeddings=bool(c.get("tie_word_embeddings", family == "gemma3")),
         rope_scaling=scaling,
         bos_token_id=bos[0] if bos else None,
         eos_token_ids=tuple(dict.fromkeys(eos)),
         add_bos=False,  # decided by the tokenizer's post-processor; load_model fills it in
         name=path.name,
+        arch=arch,
     )
 
 
 def _tensor_names(cfg: ModelConfig) -> list[str]:
     names = ["model.embed_tokens.weight", "model.norm.weight"]
+    layer = hf_layer_tensors(cfg.arch).values()
     for i in range(cfg.num_layers):
-        names += [f"model.layers.{i}.{t}.weight" for t in LAYER_TENSORS.values()]
+        names += [f"model.layers.{i}.{t}" for t in layer]
     return names + ([] if cfg.tie_embeddings else ["lm_head.weight"])
 
 
@@ -174,10 +150,8 @@ def load_hf_params(path: Path, cfg: ModelConfig, lazy: bool = False) -> LlamaPar
         for i in range(cfg.num_layers):
             pre = f"model.layers.{i}."
             fields = {
-                field: get(pre + name + ".weight")
-                if field in NORMS
-                else matrix(pre + name + ".weight")
-                for field, name in LAYER_TENSORS.items()
+                field: matrix(pre + name) if field in MATRICES else get(pre + name)
+                for field, name in hf_layer_tensors(cfg.arch).items()
             }
             layers.append(LayerParams(**fields))
         return LlamaParams(

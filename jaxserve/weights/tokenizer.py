@@ -15,7 +15,15 @@ from typing import Any
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 from tokenizers import Tokenizer as BackendTokenizer
 
 from jaxserve.errors import InvalidRequestError, UnsupportedModelError
@@ -26,6 +34,8 @@ _LLAMA3_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3")
+# Qwen2/2.5/3 (llama.cpp's "qwen2"): Llama-3's regex with one digit per piece, after NFC as HF.
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 _GPT2_PRE = ("default", "gpt2", "gpt-2")
 TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 3, 4
 
@@ -46,8 +56,9 @@ def _gguf_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     if pre in _GPT2_PRE:
         return byte_level
-    if pre in _LLAMA3_PRE:
-        split = pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated")
+    if pre in _LLAMA3_PRE or pre == "qwen2":
+        regex = _QWEN2_SPLIT if pre == "qwen2" else _LLAMA3_SPLIT
+        split = pre_tokenizers.Split(Regex(regex), behavior="isolated")
         no_regex = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         return pre_tokenizers.Sequence([split, no_regex])
     raise UnsupportedModelError(f"unsupported GGUF pre-tokenizer tokenizer.ggml.pre={pre!r}")
@@ -115,9 +126,13 @@ class Tokenizer:
     def from_gguf_metadata(cls, meta: Mapping[str, Any]) -> Tokenizer:
         """Rebuild the tokenizer llama.cpp would use from `tokenizer.ggml.*` metadata."""
         kind = meta.get("tokenizer.ggml.model")
+        arch = meta.get("general.architecture")
+        if kind == "llama" and arch == "gemma3":
+            return cls._from_gemma_gguf(meta)
         if kind != "gpt2":
             raise UnsupportedModelError(
-                f"unsupported GGUF tokenizer tokenizer.ggml.model={kind!r}; only 'gpt2' (BPE)"
+                f"unsupported GGUF tokenizer tokenizer.ggml.model={kind!r} for {arch!r}; "
+                "supported: 'gpt2' (byte-level BPE), and 'llama' (SentencePiece) for gemma3"
             )
         spelling = _bytes_to_unicode()
         alphabet = set(spelling.values())
@@ -130,7 +145,10 @@ class Tokenizer:
         merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", ())]
         bpe = models.BPE(vocab={t: i for i, t in enumerate(spelled)}, merges=merges, fuse_unk=False)
         tk = BackendTokenizer(bpe)
-        tk.pre_tokenizer = _gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        tk.pre_tokenizer = _gguf_pre_tokenizer(pre)
+        if pre == "qwen2":
+            tk.normalizer = normalizers.NFC()
         tk.decoder = decoders.ByteLevel()
         types = list(meta.get("tokenizer.ggml.token_type", ()))
         # A "control" token spelled outside the byte alphabet is a llama.cpp mislabel (HF skips it).
@@ -148,6 +166,72 @@ class Tokenizer:
                 if ty == TOKEN_TYPE_USER_DEFINED and set(t) <= alphabet
             ]
         )
+        return cls._finish_gguf(tk, tokens, meta)
+
+    @classmethod
+    def _from_gemma_gguf(cls, meta: Mapping[str, Any]) -> Tokenizer:
+        """Gemma's SentencePiece vocabulary as a byte-fallback BPE, as transformers reads it.
+
+        The file has no merges: they are every split of a token into two tokens, best first by
+        the merged token's position in the file (Gemma's scores do not follow its merge order).
+        Tokens of only spaces are stored as spaces; the vocabulary spells them with "▁".
+        """
+        tokens = [
+            "\u2581" * len(t) if " " in t and not t.strip() else t
+            for t in meta["tokenizer.ggml.tokens"]
+        ]
+        vocab = {t: i for i, t in enumerate(tokens)}
+        merges = []
+        for merged, rank in vocab.items():
+            splits = [
+                (merged[:k], merged[k:])
+                for k in range(1, len(merged))
+                if merged[:k] in vocab and merged[k:] in vocab
+            ]
+            splits.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+            merges += [(rank, -len(lr[0]), -len(lr[1]), n, lr) for n, lr in enumerate(splits)]
+        merges.sort(key=lambda m: m[:4])
+        bpe = models.BPE(
+            vocab=vocab,
+            merges=[m[-1] for m in merges],
+            unk_token=tokens[int(meta.get("tokenizer.ggml.unknown_token_id", 3))],
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+        tk = BackendTokenizer(bpe)
+        tk.normalizer = normalizers.Replace(" ", "\u2581")
+        tk.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        tk.decoder = decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        )
+        types = list(meta.get("tokenizer.ggml.token_type", ()))
+        tk.add_special_tokens(
+            [
+                AddedToken(t, special=True, normalized=False)
+                for t, ty in zip(tokens, types, strict=False)
+                if ty == TOKEN_TYPE_CONTROL
+            ]
+        )
+        tk.add_tokens(
+            [
+                AddedToken(t, special=False, normalized=False)
+                for t, ty in zip(tokens, types, strict=False)
+                if ty == TOKEN_TYPE_USER_DEFINED
+            ]
+        )
+        # llama.cpp also stops on the end of a chat turn, which the file does not list as EOS.
+        end_of_turn = vocab.get("<end_of_turn>")
+        return cls._finish_gguf(tk, tokens, meta, [] if end_of_turn is None else [end_of_turn])
+
+    @classmethod
+    def _finish_gguf(
+        cls,
+        tk: BackendTokenizer,
+        tokens: list[str],
+        meta: Mapping[str, Any],
+        extra_eos: Sequence[int] = (),
+    ) -> Tokenizer:
+        """BOS post-processor, stop ids and chat template, common to every GGUF tokenizer."""
         bos = meta.get("tokenizer.ggml.bos_token_id")
         if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
             tk.post_processor = processors.TemplateProcessing(
@@ -159,7 +243,7 @@ class Tokenizer:
         return cls(
             tk,
             bos_token_id=bos,
-            eos_token_ids=[i for i in eos if i is not None],
+            eos_token_ids=[*(i for i in eos if i is not None), *extra_eos],
             chat_template=meta.get("tokenizer.chat_template"),
         )
 
