@@ -1,5 +1,5 @@
 """The FastAPI app: OpenAI routes under `/v1` (behind the optional API key), health, metrics,
-and API docs at `/docs` that need no internet.
+the live slot dashboard at `/dashboard`, and API docs at `/docs` that need no internet.
 
 Routes only parse, validate and format; all engine work goes through the `Bridge`.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -17,6 +17,7 @@ from jaxserve.config import ServerConfig
 from jaxserve.server.bridge import Bridge
 from jaxserve.server.chat import create_chat_completion
 from jaxserve.server.completions import create_completion
+from jaxserve.server.dashboard import page_html, state
 from jaxserve.server.docs import create_docs_app, json_body
 from jaxserve.server.errors import APIError, install_error_handlers
 from jaxserve.server.offload import Offload
@@ -115,7 +116,18 @@ def create_app(bridge: Bridge, server_cfg: ServerConfig, model_name: str) -> Fas
     async def chat_completions(request: Request) -> Response:
         return await create_chat_completion(request, bridge, limits(), offload)
 
+    @v1.get("/dashboard/state", include_in_schema=False)
+    async def dashboard_state() -> JSONResponse:
+        return JSONResponse(state(bridge.dashboard, bridge.snapshot, bridge.ready))
+
     app.include_router(v1)
+
+    dashboard = page_html()
+
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard_page() -> HTMLResponse:
+        """The live slot view; its data comes from /v1/dashboard/state (API key there)."""
+        return HTMLResponse(dashboard)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -19,6 +19,7 @@ from typing import TypeVar
 from jaxserve.engine import Engine
 from jaxserve.errors import JaxserveError, QueueFullError
 from jaxserve.request import FinishReason, RequestOutput, SamplingParams
+from jaxserve.server.dashboard import DashboardFeed
 from jaxserve.server.metrics import EngineSnapshot, ServingMetrics
 
 log = logging.getLogger("jaxserve.server")
@@ -66,6 +67,7 @@ class Bridge:
         self.on_crash = on_crash
         self.snapshot = EngineSnapshot()
         self.metrics = ServingMetrics(lambda: self.snapshot)
+        self.dashboard = DashboardFeed()
         self.draining = False  # shutdown began: refuse new requests, finish the others
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # owned by the engine thread
@@ -205,6 +207,9 @@ class Bridge:
 
     def _step(self) -> None:
         assert self.engine is not None
+        st = self.engine.stats
+        before = (st.num_prefill_steps, st.num_decode_steps, st.num_mixed_steps)
+        generated = st.generation_tokens
         try:
             outputs = self.engine.step()
         except Exception as exc:  # the engine catches device errors; this is the last net
@@ -213,6 +218,11 @@ class Bridge:
                 f"engine step failed: {type(exc).__name__}: {exc}", FinishReason.ERROR
             )
             return
+        after = (st.num_prefill_steps, st.num_decode_steps, st.num_mixed_steps)
+        for mode, b, a in zip(("extend", "decode", "mixed"), before, after, strict=True):
+            if a > b:
+                owners = [r.request_id if r else None for r in self.engine.scheduler.slots]
+                self.dashboard.record_step(mode, owners, st.generation_tokens - generated)
         self._snapshot()  # before the handlers hear of a finish, /metrics already shows it
         self._dispatch(outputs)
 
@@ -226,9 +236,11 @@ class Bridge:
             if out.new_token_ids:
                 if stream.last_token_time is None:
                     self.metrics.ttft.observe(now - stream.arrival_time)
+                    self.dashboard.ttft_s.append(now - stream.arrival_time)
                 else:
                     gap = (now - stream.last_token_time) / len(out.new_token_ids)
                     self.metrics.itl.observe(gap)
+                    self.dashboard.itl_s.append(gap)
                 stream.last_token_time = now
             if out.finished:
                 del self._streams[out.request_id]
