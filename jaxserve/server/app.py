@@ -18,7 +18,7 @@ from jaxserve.server.bridge import Bridge
 from jaxserve.server.chat import create_chat_completion
 from jaxserve.server.completions import create_completion
 from jaxserve.server.dashboard import page_html, state
-from jaxserve.server.docs import create_docs_app, json_body
+from jaxserve.server.docs import create_docs_app, generation_responses, json_body
 from jaxserve.server.errors import APIError, install_error_handlers
 from jaxserve.server.offload import Offload
 from jaxserve.server.params import Limits
@@ -103,7 +103,7 @@ def create_app(bridge: Bridge, server_cfg: ServerConfig, model_name: str) -> Fas
     @v1.post(
         "/completions",
         openapi_extra=json_body(CompletionRequest),
-        responses={200: {"model": CompletionResponse}},
+        responses=generation_responses(CompletionResponse),
     )
     async def completions(request: Request) -> Response:
         return await create_completion(request, bridge, limits(), offload)
@@ -111,7 +111,7 @@ def create_app(bridge: Bridge, server_cfg: ServerConfig, model_name: str) -> Fas
     @v1.post(
         "/chat/completions",
         openapi_extra=json_body(ChatCompletionRequest),
-        responses={200: {"model": ChatCompletionResponse}},
+        responses=generation_responses(ChatCompletionResponse),
     )
     async def chat_completions(request: Request) -> Response:
         return await create_chat_completion(request, bridge, limits(), offload)
