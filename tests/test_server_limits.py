@@ -196,6 +196,26 @@ def test_health_answers_within_1s_while_a_50mb_body_is_refused(big_url, idle, ch
         assert chunked, f"a declared 50 MB body must get its 413, not {r!r}"
 
 
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"prompt": [1.5] * 400_000}, "prompt"),  # 1.6 MB: pydantic took ~50 s on the loop
+        ({"prompt": [[1, 2]] * 1000 + [["x"]]}, "prompt"),
+        ({"prompt": "hi", "stop": [1.5] * 50_000}, "stop"),
+        ({"messages": [1.5] * 100_000}, "messages"),
+    ],
+    ids=["float-ids", "mixed-nested", "long-stop-list", "non-object-messages"],
+)
+def test_lists_pydantic_would_chew_on_get_a_quick_400(big_url, idle, body, param):
+    path = "chat/completions" if "messages" in body else "completions"
+    results: list = []
+    sender = in_thread(lambda: post(big_url, body, path), results)
+    latencies = health_while(big_url, sender)
+    assert max(latencies) < HEALTH_BOUND_S, latencies
+    err = assert_error(results[0], 400, param=param)
+    assert len(err["message"]) < 200  # one error, not one per element
+
+
 def test_trickled_body_gets_408_after_the_read_timeout(url, idle):
     with connect(url) as sock:
         sock.sendall(

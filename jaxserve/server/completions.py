@@ -12,6 +12,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from jaxserve.errors import InvalidRequestError
+from jaxserve.server.body_shape import check_body
 from jaxserve.server.bridge import Bridge
 from jaxserve.server.errors import CLIENT_GONE
 from jaxserve.server.generation import EventStream, Generation, sse, sse_error
@@ -44,6 +45,7 @@ async def create_completion(
     request: Request, bridge: Bridge, limits: Limits, offload: Offload
 ) -> Response:
     data = await read_json(request)
+    check_body(data)  # lists pydantic would take seconds over
     check_prompt_size(data.get("prompt"), limits)
     body = CompletionRequest.model_validate(data)
     check_request(body, limits, num_prompts(body.prompt))

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from jaxserve.config import ServerConfig
 from jaxserve.errors import ContextLengthError, InvalidRequestError
 from jaxserve.request import SamplingParams
+from jaxserve.server.body_shape import check_body
 from jaxserve.server.errors import APIError
 from jaxserve.server.protocol import ChatMessage, SamplingFields
 
@@ -275,4 +276,6 @@ async def read_json(request: Request) -> dict[str, Any]:
 
 async def parse_body(request: Request, model: type[M]) -> M:
     """`read_json`, then the pydantic model (400 on types, as OpenAI answers)."""
-    return model.model_validate(await read_json(request))
+    body = await read_json(request)
+    check_body(body)  # lists pydantic would take seconds over
+    return model.model_validate(body)
