@@ -1,7 +1,8 @@
 """Command line: `jaxserve serve` (OpenAI-compatible HTTP server), `generate`, `chat`, `bench`.
 
 Every config key is also a flag (`jaxserve/flags.py`): flag > environment > TOML > defaults.
-Environment variables are read here only: JAXSERVE_API_KEY, JAXSERVE_CACHE (model cache dir).
+Environment variables are read here only: JAXSERVE_API_KEY, JAXSERVE_CACHE (model cache dir),
+JAXSERVE_COORDINATOR, JAXSERVE_NUM_PROCESSES, JAXSERVE_PROCESS_ID (multi-host `serve`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from jaxserve.flags import add_config_flags, apply_overrides, given_flags
 from jaxserve.request import SamplingParams
 
 EXIT_USAGE = 2  # bad model, config or parameters
+# Multi-host `serve`: a launcher sets one variable per process (flags still win).
+DISTRIBUTED_ENV = {
+    "JAXSERVE_COORDINATOR": ("distributed.coordinator", str),
+    "JAXSERVE_NUM_PROCESSES": ("distributed.num_processes", int),
+    "JAXSERVE_PROCESS_ID": ("distributed.process_id", int),
+}
 _request_ids = itertools.count()
 
 
@@ -40,6 +47,12 @@ def _engine_config(args: argparse.Namespace) -> tuple[EngineConfig, str]:
         env["cache_dir"] = os.environ["JAXSERVE_CACHE"]
     if os.environ.get("JAXSERVE_API_KEY"):
         env["server.api_key"] = os.environ["JAXSERVE_API_KEY"]
+    for name, (key, kind) in DISTRIBUTED_ENV.items():
+        if os.environ.get(name):
+            try:
+                env[key] = kind(os.environ[name])
+            except ValueError as exc:
+                raise UserError(f"{name}={os.environ[name]!r}: {exc}") from exc
     try:
         cfg = apply_overrides(cfg, env | dict(given_flags(args)))
     except (ValueError, TypeError) as exc:
@@ -115,9 +128,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from jaxserve.server.shutdown import GracefulServer
 
     cfg, spec = _engine_config(args)
+    dist = cfg.distributed
+    if dist.num_processes > 1:  # multi-host (docs/scaling.md)
+        from jaxserve import multihost
+
+        multihost.initialize(dist)  # before anything asks JAX for its devices
+        multihost.check_mesh_spans_processes(cfg)
+        if dist.process_id > 0:  # no HTTP here: step with process 0 until it stops
+            if code := multihost.follow(cfg):  # process 0 is gone: skip jax's exit barrier
+                sys.stderr.flush()
+                os._exit(code)
+            return 0
     server_cfg = cfg.server
     fault_every = faults.from_env()
     engine = _load_engine(cfg, warmup=False)
+    leader = None
+    if dist.num_processes > 1:  # every device call of the engine goes to all processes
+        leader = multihost.Leader(engine.runner, dist)
+        leader.send_config()
+        engine.runner = leader
     bridge = Bridge(engine)
     app = create_app(bridge, server_cfg, spec)
     config = ServeConfig(app, server_cfg, log_level=args.log_level)
@@ -128,6 +157,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     bridge.on_crash = crashed
+    if leader is not None:
+
+        def process_lost(why: str) -> None:  # from any thread, once; the Leader logged it
+            multihost.fail_server(bridge, why)
+            server.should_exit = True  # the engine thread then ends: on_crash, exit 1
+
+        leader.on_failure = process_lost
     warmup_error: list[Exception] = []
 
     def warm() -> None:
@@ -142,6 +178,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             engine.runner = faults.FaultInjector(engine.runner, every)
             print(f"warning: injecting a fault every {every} steps", file=sys.stderr, flush=True)
         bridge.start()
+        if leader is not None:
+            leader.watch()
         print(f"ready: http://{server_cfg.host}:{server_cfg.port}/v1", file=sys.stderr, flush=True)
 
     warmer = threading.Thread(target=warm, name="jaxserve-warmup", daemon=True)
@@ -156,6 +194,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+    if leader is not None:
+        leader.stop()  # followers exit 0
+        if leader.failure:  # a thread may still block in a collective: skip jax's exit barrier
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
     return 1 if warmup_error or bridge.failure else 0
 
 
@@ -224,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine_tables = ("", "cache", "scheduler")
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    _common(serve, (*engine_tables, "server"))
+    _common(serve, (*engine_tables, "server", "distributed"))
     serve.add_argument("--log-level", default="info", help="uvicorn's (default: %(default)s)")
     serve.set_defaults(func=cmd_serve)
 

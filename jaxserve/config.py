@@ -161,6 +161,19 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host serving with jax.distributed (docs/scaling.md): one mesh over all processes."""
+
+    coordinator: str | None = None  # HOST:PORT process 0 listens on (or $JAXSERVE_COORDINATOR)
+    num_processes: int = 1  # processes of the job (or $JAXSERVE_NUM_PROCESSES)
+    process_id: int = 0  # this one (or $JAXSERVE_PROCESS_ID): 0 serves HTTP, others follow it
+    keepalive_s: float = 2.0  # an idle process 0 pings the others this often (finds dead ones)
+    # a device call after warm-up taking longer means a process is stuck; keep it below
+    # jax's 100 s heartbeat timeout, after which jax aborts every process of the job
+    step_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs; one TOML file maps onto it."""
 
@@ -180,9 +193,15 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
-TABLES = {"cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig}
+TABLES = {
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "server": ServerConfig,
+    "distributed": DistributedConfig,
+}
 
 
 def _build(cls, data: dict):
@@ -228,8 +247,8 @@ def load_config(path: str | Path | None = None, **overrides) -> EngineConfig:
 
 
 def replace(cfg: EngineConfig, **overrides) -> EngineConfig:
-    """Override fields; `scheduler`/`cache`/`server` accept dicts of their own fields."""
-    for key in ("cache", "scheduler", "server"):
+    """Override fields; each table (`scheduler`, `cache`, ...) accepts a dict of its fields."""
+    for key in TABLES:
         if isinstance(overrides.get(key), dict):
             overrides[key] = dataclasses.replace(getattr(cfg, key), **overrides[key])
     return dataclasses.replace(cfg, **overrides)

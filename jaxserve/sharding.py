@@ -203,8 +203,20 @@ class MeshLayout:
         return jax.tree.map(lambda a: by_vocab if a.ndim == 2 else self.rows_sharding, slots)
 
     def put_rows(self, tree: Any) -> Any:
-        """Host batches (dp groups concatenated along the first axis) -> one slice per group."""
-        return jax.device_put(tree, self.rows_sharding)
+        """Host batches (dp groups concatenated along the first axis) -> one slice per group.
+
+        Multi-host (`jaxserve/multihost.py`): every process holds the same host arrays, and
+        each places its own devices' slices; device_put would compare them across processes
+        first, one collective per array and step.
+        """
+        if self.rows_sharding.is_fully_addressable:
+            return jax.device_put(tree, self.rows_sharding)
+
+        def put(a: Any) -> jax.Array:
+            a = np.asarray(a)
+            return jax.make_array_from_callback(a.shape, self.rows_sharding, lambda i: a[i])
+
+        return jax.tree.map(put, tree)
 
     # ---- compiled programs -----------------------------------------------------------------
     def over_dp(self, fn: Callable, in_specs: tuple, out_specs: Any) -> Callable:

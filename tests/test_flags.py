@@ -30,6 +30,9 @@ from tests.conftest import TEST_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE_TABLES = ("", "cache", "scheduler")  # generate and chat; serve adds "server"
+# and "distributed", whose flags start jax.distributed before the engine loads: they are
+# checked by tests/test_multihost.py and the round trip below, not by running `serve`.
+SERVE_TABLES = (*ENGINE_TABLES, "server", "distributed")
 
 
 def value_of(cfg: EngineConfig, f: ConfigField) -> Any:
@@ -120,7 +123,7 @@ def test_every_field_has_a_flag_that_reaches_the_engine_config(command, monkeypa
 def test_print_config_round_trips(capsys, monkeypatch):
     monkeypatch.delenv("JAXSERVE_CACHE", raising=False)
     monkeypatch.delenv("JAXSERVE_API_KEY", raising=False)
-    argv, want = every_flag((*ENGINE_TABLES, "server"))
+    argv, want = every_flag(SERVE_TABLES)
     args = ["serve", "--config", str(TEST_CONFIG), *argv]
     cfg, _ = cli._engine_config(cli.build_parser().parse_args(args))
     assert cli.main([*args, "--print-config"]) == 0
