@@ -304,26 +304,33 @@ class Scheduler:
             left = min(left, max(1, self.cfg.max_model_len - r.num_computed))
             return max(0, pages_for(r.num_computed + left, self.page_size) - len(r.pages))
 
+        def short(reqs: list[Request], group: int, steps: int = 1) -> bool:
+            return sum(missing(r, steps) for r in reqs) > self._free_pages(group)
+
+        def cheapest(reqs: list[Request]) -> Request:
+            """As SGLang: the fewest output tokens; longest prompt, then newest, on ties."""
+            return min(
+                reqs,
+                key=lambda r: (len(r.output_token_ids), -len(r.prompt_token_ids), -r.arrival_time),
+            )
+
         for group in range(self.num_groups):  # each dp group decodes from its own pages
             mine = [r for r in decoding if self.group_of(r.slot) == group]
-            if sum(missing(r) for r in mine) <= self._free_pages(group):
+            if not short(mine, group):
                 continue
-            # Out of pages. As SGLang: retract the request with the fewest output tokens
-            # (longest prompt, then newest, on ties) until the rest have room for
-            # `retract_decode_steps` more steps, so retractions don't repeat every step.
+            # Out of pages. Requests still in a chunked prefill hold their prompt's pages
+            # and have produced nothing: they go back first, as far as this step needs.
+            prefilling = [r for r in self._group_running(group) if r not in mine]
+            while prefilling and short(mine, group):
+                victim = cheapest(prefilling)
+                prefilling.remove(victim)
+                self.retract(victim)
+                retracted.append(victim)
+            # Then decoding ones, until the rest have room for `retract_decode_steps` more
+            # steps, so retractions don't repeat every step.
             steps = self.cfg.retract_decode_steps
-            while len(mine) > 1 and (
-                sum(missing(r) for r in mine) > self._free_pages(group)
-                or sum(missing(r, steps) for r in mine) > self._free_pages(group)
-            ):
-                victim = min(
-                    mine,
-                    key=lambda r: (
-                        len(r.output_token_ids),
-                        -len(r.prompt_token_ids),
-                        -r.arrival_time,
-                    ),
-                )
+            while len(mine) > 1 and (short(mine, group) or short(mine, group, steps)):
+                victim = cheapest(mine)
                 mine.remove(victim)
                 decoding.remove(victim)
                 self.retract(victim)

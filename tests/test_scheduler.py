@@ -390,3 +390,33 @@ def test_stop_string_completed_on_the_last_allowed_token_reports_stop(max_tokens
     e.add_request("s", prompt, SamplingParams(max_tokens=max_tokens, stop=(text[1:3],)))
     outs = [o for _ in range(20) for o in e.step() if o.finished]
     assert [o.finish_reason.value for o in outs] == [reason]
+
+
+def test_decode_short_of_pages_retracts_a_request_still_in_prefill():
+    """Found by the long hypothesis run: the only decoding request needs a page while a
+    request mid-way through a chunked prefill holds the rest. Retraction used to consider
+    decoding requests only (and never the last one), so allocation raised."""
+    cfg = SchedulerConfig(
+        max_running_requests=2,
+        max_model_len=32,
+        max_prefill_tokens=8,
+        mixed_step_tokens=12,
+        prefill_block=4,
+        prefill_buckets=(8,),
+        init_new_token_ratio=0.0,
+        min_new_token_ratio=0.0,
+    )
+    s = Scheduler(cfg, page_size=4, num_pages=8)
+    from jaxserve.request import Request
+
+    a, b = Request("a", [1, 2, 3], greedy(8)), Request("b", list(range(1, 29)), greedy(4))
+    s.add(a)
+    plan = s.schedule()
+    s.update(plan, [7])  # a decodes; its page holds positions 0-3
+    s.add(b)
+    plan = s.schedule()  # MIXED: a's token 3, b admitted with all 7 of its pages
+    assert plan.decode == [a] and [c.request for c in plan.prefill] == [b]
+    s.update(plan, [7, 9])
+    assert s.allocator.num_free == 0 and b.state is RequestState.PREFILLING
+    plan = s.schedule()  # a needs a page for position 4: b (still prefilling) gives way
+    assert plan.retracted == [b] and plan.decode == [a] and len(a.pages) == 2
