@@ -338,7 +338,7 @@ def finish(args, base, pid, outcomes, samples, capacity, rate) -> dict[str, Any]
         "per_minute": minutes,
         "samples": samples,
     }
-    report["passed"] = (
+    report["passed"] = bool(
         report["server_errors_not_injected"] == 0
         and report["lost"] == 0
         and report["bad_not_4xx"] == 0
