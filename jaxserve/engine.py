@@ -29,12 +29,16 @@ from jaxserve.request import (
 from jaxserve.runner import StepResult
 from jaxserve.scheduler import ForwardMode, Scheduler, StepPlan
 from jaxserve.state import DecodeBatch, PrefillBatch
+from jaxserve.structured import GrammarCache, TokenMasks
 
 
 class StepRunner(Protocol):
     num_compiles: int
 
-    def run(self, decode: DecodeBatch | None, prefill: PrefillBatch | None) -> StepResult: ...
+    # `allowed` ([B, ceil(V / 32)] int32 token masks) is passed only by steps that need it.
+    def run(
+        self, decode: DecodeBatch | None, prefill: PrefillBatch | None, allowed: np.ndarray = ...
+    ) -> StepResult: ...
     def permute_slots(self, perm: np.ndarray) -> None: ...
 
 
@@ -56,6 +60,7 @@ class EngineStats:
     decode_device_s: float = 0.0
     mixed_device_s: float = 0.0
     postprocess_s: float = 0.0
+    mask_s: float = 0.0  # host time filling structured-output token masks (in postprocess_s)
     busy_slot_steps: int = 0  # sum over decode/mixed steps of slots doing useful work
     total_slot_steps: int = 0
     # (mode, slot owners) per step: mode is "prefill" (EXTEND), "decode" or "mixed"
@@ -85,6 +90,14 @@ class Engine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._rng = np.random.default_rng(cfg.seed)
         self.stats = EngineStats()
+        # Structured output: compiled grammars (the server compiles, i.e. validates, each
+        # request's on its own threads) and the running requests' matchers and token masks.
+        self.grammars = GrammarCache(
+            lambda: tokenizer.backend.to_str(),  # type: ignore[attr-defined]
+            model_cfg.vocab_size,
+            model_cfg.eos_token_ids,
+        )
+        self._masks: TokenMasks | None = None  # built with the first constrained request
 
     @classmethod
     def from_config(cls, cfg: EngineConfig, warmup: bool = True) -> Engine:
@@ -151,6 +164,10 @@ class Engine:
         params.validate(vocab)
         if len(self.scheduler.waiting) >= self.cfg.scheduler.max_waiting:
             raise QueueFullError(f"{len(self.scheduler.waiting)} requests already waiting")
+        if params.grammar is not None:  # compiled already when the server validated it
+            if self._masks is None:
+                self._masks = TokenMasks(self.grammars, len(self.scheduler.slots))
+            self._masks.add(request_id, params.grammar)
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**63))
         req = Request(request_id, list(prompt_token_ids), params, seed=seed)
         self.requests[request_id] = req
@@ -164,6 +181,8 @@ class Engine:
         """Free the request's slot and pages now; False if it is unknown or already done."""
         req = self.requests.pop(request_id, None)
         self._detok.pop(request_id, None)
+        if self._masks is not None:
+            self._masks.remove(request_id)
         if req is None or req.finished:
             return False
         self.scheduler.finish(req, FinishReason.ABORT)
@@ -235,7 +254,17 @@ class Engine:
         s.num_decode_steps += mode is ForwardMode.DECODE
         s.num_mixed_steps += mode is ForwardMode.MIXED
         width = 0 if decode is None else len(decode.positions)
-        return self.runner.run(decode, prefill), width
+        if self._masks is None or not len(self._masks):
+            return self.runner.run(decode, prefill), width
+        # Masks for the rows sampled this step, from the tokens the last step sampled: the
+        # step is one program (forward + sampling), so they are filled before it starts.
+        t0 = time.perf_counter()
+        sampled = [c.request for c in plan.prefill if c.is_last] + plan.decode
+        allowed = self._masks.fill([(r.slot, r.request_id) for r in sampled])  # type: ignore[misc]
+        s.mask_s += time.perf_counter() - t0
+        if allowed is None:
+            return self.runner.run(decode, prefill), width
+        return self.runner.run(decode, prefill, allowed), width
 
     def _emit(self, rows: list[tuple[int, Request]], result: StepResult) -> list[RequestOutput]:
         """Detokenize each row's new token, apply stop strings, build the deltas."""
@@ -253,6 +282,10 @@ class Engine:
                 self.scheduler.finish(req, FinishReason.STOP)
             elif detok.stopped and req.finish_reason is FinishReason.LENGTH:
                 req.finish_reason = FinishReason.STOP  # completed on the last allowed token
+            # A complete structured output stops at once (no EOS step needed).
+            if self._masks is not None and self._masks.advance(req.request_id, token):
+                if not req.finished:
+                    self.scheduler.finish(req, FinishReason.STOP)
             logprobs = None
             if req.params.logprobs is not None:
                 k = req.params.logprobs
@@ -278,6 +311,8 @@ class Engine:
         if req.finished:
             self.requests.pop(req.request_id, None)
             self._detok.pop(req.request_id, None)
+            if self._masks is not None:
+                self._masks.remove(req.request_id)
         return RequestOutput(
             request_id=req.request_id,
             new_token_ids=new_ids,

@@ -8,10 +8,25 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 from jaxserve.errors import InvalidRequestError
 
 MAX_TOP_LOGPROBS = 20
+
+GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "lark"]
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What a constrained request's output must match; hashable, the grammar cache's key.
+
+    `source` is the schema as JSON text (json_schema), a regex, a Lark grammar, or the choices
+    as a JSON list of strings (choice); empty for json_object.
+    """
+
+    kind: GrammarKind
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -32,6 +47,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k = chosen token + top-k alternatives
     skip_special_tokens: bool = True
+    grammar: GrammarSpec | None = None  # structured output: tokens outside it are masked
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise InvalidRequestError naming the first bad field."""

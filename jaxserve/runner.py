@@ -29,6 +29,7 @@ from jaxserve.state import (
     SlotState,
     init_slot_state,
 )
+from jaxserve.structured import mask_words
 
 
 def resolve_dtype(name: str) -> jnp.dtype:
@@ -77,6 +78,11 @@ class Runner:
         self.kv_dtype = self.dtype if cfg.cache.dtype == "auto" else jnp.dtype(cfg.cache.dtype)
         self.kv = self._init_kv()
         self.slots = self._init_slots()
+        # The token mask is an input of every step, so structured output never recompiles;
+        # unconstrained steps pass this resident all-ones mask (no transfer).
+        num_slots = cfg.scheduler.max_running_requests * cfg.dp
+        all_allowed = np.full((num_slots, mask_words(model_cfg.vocab_size)), -1, np.int32)
+        self._all_allowed = self._put_mask(all_allowed)  # [B, ceil(V / 32)] int32
         # One traced function for all three forward modes; which parts are present (and their
         # buckets) picks the compiled program.
         if self.layout is None:
@@ -109,18 +115,28 @@ class Runner:
         return self.layout.zeros(init, self._slot_shardings)
 
     # ---- host API ------------------------------------------------------------------------
-    def run(self, decode: DecodeBatch | None, prefill: PrefillBatch | None) -> StepResult:
+    def _put_mask(self, allowed: np.ndarray) -> jax.Array:
+        return jnp.asarray(allowed) if self.layout is None else self.layout.put_rows(allowed)
+
+    def run(
+        self,
+        decode: DecodeBatch | None,
+        prefill: PrefillBatch | None,
+        allowed: np.ndarray | None = None,
+    ) -> StepResult:
         """One step: DECODE (decode only), EXTEND (prefill only) or MIXED (both).
 
         Result rows: the decode batch's n slots first, then the prefill batch's S sequences
-        (with dp groups: that layout once per group, one group after the other).
+        (with dp groups: that layout once per group, one group after the other). `allowed`
+        is [B, ceil(V / 32)] int32, each slot's packed token mask (None: all allowed).
         """
         t0 = time.perf_counter()
         rows = sum(len(b.positions) for b in (decode, prefill) if b is not None) // self.cfg.dp
         params = self.param_sets[self.quant.kind_for(rows)]  # by the rows of one dp group
         if self.layout is not None:
             decode, prefill = self.layout.put_rows((decode, prefill))
-        self.kv, self.slots, out = self._step_fn(params, self.kv, self.slots, decode, prefill)
+        mask = self._all_allowed if allowed is None else self._put_mask(allowed)
+        self.kv, self.slots, out = self._step_fn(params, self.kv, self.slots, decode, prefill, mask)
         return self._to_host(out, t0)
 
     def permute_slots(self, perm: np.ndarray) -> None:
@@ -247,6 +263,7 @@ class Runner:
         slots: SlotState,
         decode: DecodeBatch | None,
         prefill: PrefillBatch | None,
+        allowed: jax.Array,  # [B, ceil(V / 32)] int32, packed token mask per slot
     ):
         """One forward over [decode rows | prefill tokens], then one sampling call.
 
@@ -277,7 +294,13 @@ class Runner:
             [p.sample_idx + off for p, off in zip(parts, offsets, strict=True)]
         )
         logits = llama.lm_head(params, hidden[sample_idx])  # [R, V]
-        out = sample(logits, jax.tree.map(lambda a: a[cat("sample_slot")], rows), cat("sample_pos"))
+        sample_slot = cat("sample_slot")
+        out = sample(
+            logits,
+            jax.tree.map(lambda a: a[sample_slot], rows),
+            cat("sample_pos"),
+            allowed[sample_slot],
+        )
         write = cat("write_slot")
         counts = rows.output_counts.at[write, out.tokens].add(1, mode="drop")
         slots = SlotState(

@@ -48,6 +48,24 @@ def apply_penalties(logits: jax.Array, rows: SamplingRows) -> jax.Array:
     return logits - rows.frequency_penalty[:, None] * counts
 
 
+def unpack_token_mask(words: jax.Array, vocab: int) -> jax.Array:  # [R, V] bool
+    """[R, ceil(V / 32)] int32 packed masks -> [R, V]: token t is bit t % 32 of word t // 32."""
+    shifts = jnp.arange(32, dtype=jnp.uint32)
+    bits = jax.lax.shift_right_logical(words.astype(jnp.uint32)[:, :, None], shifts[None, None]) & 1
+    return bits.reshape(words.shape[0], -1)[:, :vocab].astype(jnp.bool_)
+
+
+def apply_token_mask(logits: jax.Array, words: jax.Array) -> jax.Array:
+    """Disallowed tokens to -inf. A row of all ones (-1) is unconstrained: when every row is,
+    the unpacking is skipped (cond runs one branch) and the logits pass through untouched."""
+    return jax.lax.cond(
+        jnp.any(words != -1),
+        lambda x: jnp.where(unpack_token_mask(words, x.shape[-1]), x, -jnp.inf),
+        lambda x: x,
+        logits,
+    )
+
+
 CANDIDATES = 256  # top_k over the vocab is cheap on CPU; a full sort was ~300 ms at 32 x 49k
 
 
@@ -122,10 +140,21 @@ def filter_logits(x: jax.Array, rows: SamplingRows, candidates: int = CANDIDATES
     return jnp.where(x >= threshold, x, -jnp.inf)
 
 
-def sample(logits: jax.Array, rows: SamplingRows, positions: jax.Array) -> SampleOutput:
-    """logits: [R, V] float32; positions: [R] int32, the position of the token being sampled."""
+def sample(
+    logits: jax.Array,
+    rows: SamplingRows,
+    positions: jax.Array,
+    allowed: jax.Array | None = None,
+) -> SampleOutput:
+    """logits: [R, V] float32; positions: [R] int32, the position of the token being sampled;
+    allowed: [R, ceil(V / 32)] int32 packed token masks (structured output), None = all.
+
+    Logprobs stay those of the raw model, before penalties and masks (vLLM's default).
+    """
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     x = apply_penalties(logits, rows)
+    if allowed is not None:
+        x = apply_token_mask(x, allowed)
     greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
     is_greedy = (rows.temperature <= 0.0) | (rows.top_k == 1)
 

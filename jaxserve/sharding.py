@@ -231,13 +231,14 @@ class MeshLayout:
         )
 
     def jit_step(self, step: Callable, slot_shardings: Any) -> Callable:
-        """step(params, kv, slots, decode, prefill) -> (kv, slots, out), kv and slots donated.
+        """step(params, kv, slots, decode, prefill, allowed) -> (kv, slots, out), kv and slots
+        donated.
 
         Outputs keep exactly the input shardings, so the donated buffers never drift (a
         drifted sharding would be a new jit signature: a recompile on the next step).
         """
         rows = ROWS_SPEC
-        mapped = self.over_dp(step, (P(), rows, rows, rows, rows), (rows, rows, rows))
+        mapped = self.over_dp(step, (P(), rows, rows, rows, rows, rows), (rows, rows, rows))
         out_shardings = (self.kv_sharding, slot_shardings, self.rows_sharding)
         return jax.jit(mapped, donate_argnums=(1, 2), out_shardings=out_shardings)
 

@@ -188,7 +188,9 @@ def step_collectives(engine: Engine) -> list[str]:
     runner = engine.runner
     decode, prefill = engine.builder.warmup_batches()[-1]
     args = runner.layout.put_rows((decode, prefill))
-    lowered = runner._step_fn.lower(runner.param_sets["none"], runner.kv, runner.slots, *args)
+    lowered = runner._step_fn.lower(
+        runner.param_sets["none"], runner.kv, runner.slots, *args, runner._all_allowed
+    )
     return [m.group(1) for m in COLLECTIVE.finditer(lowered.compile().as_text())]
 
 

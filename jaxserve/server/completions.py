@@ -14,6 +14,7 @@ from fastapi.responses import Response
 from jaxserve.errors import InvalidRequestError
 from jaxserve.server.body_shape import check_body
 from jaxserve.server.bridge import Bridge
+from jaxserve.server.constraints import compile_grammar, grammar_spec
 from jaxserve.server.errors import CLIENT_GONE
 from jaxserve.server.generation import EventStream, Generation, sse, sse_error
 from jaxserve.server.logprobs import completion_logprobs
@@ -55,6 +56,9 @@ async def create_completion(
         raise InvalidRequestError("suffix is not supported", param="suffix")
     assert bridge.engine is not None
     tokenizer = bridge.engine.tokenizer
+    grammar = None
+    if (found := grammar_spec(body)) is not None:  # compiled: a bad one is a 400 right here
+        grammar = await offload.run(compile_grammar, bridge.engine.grammars, *found)
     choices = []
     prompts = await offload.run(completion_prompts, body.prompt, tokenizer, limits)
     for p, prompt_ids in enumerate(prompts):
@@ -65,6 +69,7 @@ async def create_completion(
             COMPLETION_DEFAULT_MAX_TOKENS,
             body.logprobs,
             limits,
+            grammar,
         )
         choices += [(p, prompt_ids, choice) for choice in per_choice(params, body.n)]
     gen = Generation(bridge, random_id("cmpl"), choices)

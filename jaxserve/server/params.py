@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from jaxserve.config import ServerConfig
 from jaxserve.errors import ContextLengthError, InvalidRequestError
-from jaxserve.request import SamplingParams
+from jaxserve.request import GrammarSpec, SamplingParams
 from jaxserve.server.body_shape import check_body
 from jaxserve.server.errors import APIError
 from jaxserve.server.protocol import ChatMessage, SamplingFields
@@ -91,6 +91,7 @@ def sampling_params(
     default_max_tokens: int | None,
     logprobs: int | None,
     limits: Limits,
+    grammar: GrammarSpec | None = None,
 ) -> SamplingParams:
     """One prompt's params; `default_max_tokens=None` means up to the context length."""
     room = limits.max_model_len - prompt_len  # tokens left for the completion
@@ -113,6 +114,7 @@ def sampling_params(
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        grammar=grammar,
     )
     params.validate()
     if 0 < room < max_tokens:
@@ -221,7 +223,12 @@ def message_chars(messages: list[ChatMessage]) -> int:
     return total
 
 
-def chat_prompt(messages: list[ChatMessage], tokenizer: Tokenizer, limits: Limits) -> list[int]:
+def chat_prompt(
+    messages: list[ChatMessage],
+    tokenizer: Tokenizer,
+    limits: Limits,
+    tools: list[dict] | None = None,
+) -> list[int]:
     """Render the model's chat template (with the assistant turn opened) and tokenize it.
 
     Renders and tokenizes: call it off the event loop (`Offload.run`).
@@ -235,7 +242,7 @@ def chat_prompt(messages: list[ChatMessage], tokenizer: Tokenizer, limits: Limit
         if isinstance(content, list):
             content = "\n".join(part.text for part in content)
         rendered.append({**(m.model_extra or {}), "role": m.role, "content": content or ""})
-    text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tools=tools)
     # Extra message fields reach the template too: bound what the tokenizer gets.
     _check_chars(len(text), limits.server, "messages")
     return encode(tokenizer, text, "messages")
