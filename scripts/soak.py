@@ -381,9 +381,13 @@ def plot(r: dict[str, Any], path: str) -> None:
     axes[1].set_ylabel("KV pages")
     axes[1].legend()
     pm = r["per_minute"]
-    axes[2].plot([m["minute"] + 0.5 for m in pm], [m["ttft_p50_ms"] for m in pm], label="TTFT p50")
-    axes[2].plot([m["minute"] + 0.5 for m in pm], [m["itl_p99_ms"] for m in pm], label="ITL p99")
-    axes[2].set_ylabel("ms")
+    x = [m["minute"] + 0.5 for m in pm]
+    for key, label in (("ttft_p50_ms", "TTFT p50"), ("ttft_p99_ms", "TTFT p99")):
+        axes[2].plot(x, [m[key] for m in pm], label=label)
+    for key, label in (("itl_p50_ms", "ITL p50"), ("itl_p99_ms", "ITL p99")):
+        axes[2].plot(x, [m[key] for m in pm], "--", label=label)
+    axes[2].set_yscale("log")  # admitted at once vs queued: TTFT is bimodal under overload
+    axes[2].set_ylabel("ms, by arrival minute")
     axes[2].set_xlabel("minutes")
     axes[2].legend()
     fig.suptitle(
@@ -454,12 +458,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON report")
     p.add_argument("--plot", help="PNG of RSS, KV pages and latency over time")
+    p.add_argument("--replot", help="redraw --plot from a JSON report of --out, and exit")
     p.add_argument("serve_args", nargs="*", help="extra `jaxserve serve` flags (after --)")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    if args.replot:
+        report = json.loads(Path(args.replot).read_text())
+        plot(report, args.plot)
+        return report
     Path(args.server_log).parent.mkdir(parents=True, exist_ok=True)
     if args.base_url:
         report = asyncio.run(soak(args, args.base_url.rstrip("/"), args.pid))

@@ -263,3 +263,28 @@ def test_int8_weights_split_like_their_float_weights(mesh_report: dict):
     int8 = mesh_report["int8"]
     assert int8["scale_shard_shape"] == [16]  # wq's 32 column scales, half per tp device
     assert 0 < int8["worst_logprob_error"] < 0.2
+
+
+@pytest.mark.slow
+def test_dp2_on_the_default_model_gives_the_one_device_tokens(tmp_path):
+    """The default model, greedy, a batch of 8 prompts: dp=2 over 2 simulated devices gives
+    the tokens of one device, compiles nothing after warm-up, and no request's pages leave
+    its slot's group. `slow`: two default-model warm-ups in a subprocess (minutes)."""
+    out = tmp_path / "dp.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache/jaxserve/jax"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.default_dp_worker", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = json.loads(out.read_text())
+    assert two["tokens"] == one["tokens"]
+    assert all(len(t) == 24 for t in one["tokens"])
+    assert one["compiles_after_warmup"] == two["compiles_after_warmup"] == 0
+    assert two["requests_with_pages_in_another_group"] == []
+    assert two["groups_used"] == [0, 1]  # both groups served requests
