@@ -325,6 +325,9 @@ BAD_BODIES = [
     bad("completions", {**CMPL, "prompt": "hello " * 600}, 400, "prompt", CTX),
     bad("completions", {**CMPL, "prompt": [7] * 500, "max_tokens": 100}, 400, "max_tokens", CTX),
     bad("chat/completions", {**CHATB, "max_completion_tokens": 10**6}, 400, "max_tokens", CTX),
+    bad("completions", {**CMPL, "logit_bias": {"5": 1}}, 400, "logit_bias"),
+    bad("chat/completions", {**CHATB, "frobnicate": 1}, 400, "frobnicate"),
+    bad("completions", {**CMPL, "best_of": 3}, 400, "best_of"),
 ]
 
 
@@ -334,6 +337,31 @@ def test_bad_parameters_give_openai_errors(srv, path, body, status, param, code)
     assert err["type"] == "invalid_request_error"
     # a stream request is rejected the same way, before any event is sent
     assert_error(_post(srv.url, path, body={**body, "stream": True}), status, param, code)
+
+
+def test_unset_unknown_fields_pass_and_set_ones_are_named(srv):
+    """null, false and empty values of fields the server lacks mean "not asked for"."""
+    body = {**CMPL, "logit_bias": None, "store": False, "metadata": {}, "functions": []}
+    assert _post(srv.url, "completions", body=body).status_code == 200
+    err = assert_error(_post(srv.url, "completions", body={**CMPL, "logit_bias": {"7": 2}}), 400)
+    assert err["message"] == "the request field 'logit_bias' is not supported by this server"
+    err = assert_error(_post(srv.url, "completions", body={**CMPL, "min_tokenz": 3}), 400)
+    assert err["message"] == "the request field 'min_tokenz' is unknown"
+
+
+@pytest.mark.parametrize("path", ["chat/completions", "completions"])
+def test_stream_chunks_share_id_and_created_and_deltas_send_no_nulls(srv, path):
+    body = {**(CHATB if path.startswith("chat") else CMPL), "max_tokens": 48, "stream": True}
+    body |= {"ignore_eos": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{srv.url}/v1/{path}", json=body, timeout=120) as r:
+        lines = [line[5:].strip() for line in r.iter_lines() if line.startswith("data:")]
+    chunks = [json.loads(x) for x in lines if x != "[DONE]"]
+    assert len(chunks) >= 24  # a chunk per token, or fewer where text is held back
+    assert len({c["id"] for c in chunks}) == 1 and len({c["created"] for c in chunks}) == 1
+    if path.startswith("chat"):
+        deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+        assert deltas[0] == {"role": "assistant", "content": ""}
+        assert all(set(d) == {"content"} for d in deltas[1:]), deltas[1:3]
 
 
 def test_stream_options_need_stream(srv):

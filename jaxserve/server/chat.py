@@ -130,7 +130,9 @@ def _response_json(
                 logprobs=chat_logprobs(tokenizer, c.logprobs) if logprobs else None,
             )
         )
-    response = ChatCompletionResponse(id=gen.id, model=model, usage=gen.usage(), choices=choices)
+    response = ChatCompletionResponse(
+        id=gen.id, created=gen.created, model=model, usage=gen.usage(), choices=choices
+    )
     return response.model_dump_json()
 
 
@@ -159,7 +161,9 @@ async def _stream(
 
     def chunk(*choices: ChatChunkChoice) -> str:
         return sse(
-            ChatCompletionChunk(id=gen.id, model=model, choices=list(choices)).model_dump_json()
+            ChatCompletionChunk(
+                id=gen.id, created=gen.created, model=model, choices=list(choices)
+            ).model_dump_json()
         )
 
     for c in gen.choices:
@@ -198,7 +202,7 @@ async def _stream(
         if include_usage:
             yield sse(
                 ChatCompletionChunk(
-                    id=gen.id, model=model, choices=[], usage=gen.usage()
+                    id=gen.id, created=gen.created, model=model, choices=[], usage=gen.usage()
                 ).model_dump_json()
             )
     yield sse("[DONE]")

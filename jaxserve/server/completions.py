@@ -90,6 +90,7 @@ def _response_json(gen: Generation, model: str, tokenizer: Tokenizer, logprobs: 
     """The whole response; off the event loop, as logprobs decode a token per entry."""
     response = CompletionResponse(
         id=gen.id,
+        created=gen.created,
         model=model,
         usage=gen.usage(),
         choices=[
@@ -121,6 +122,7 @@ async def _stream(
         offsets[choice.index] += len(out.new_text)
         chunk = CompletionChunk(
             id=gen.id,
+            created=gen.created,
             model=model,
             choices=[
                 CompletionChoice(
@@ -136,7 +138,7 @@ async def _stream(
         if include_usage:
             yield sse(
                 CompletionChunk(
-                    id=gen.id, model=model, choices=[], usage=gen.usage()
+                    id=gen.id, created=gen.created, model=model, choices=[], usage=gen.usage()
                 ).model_dump_json()
             )
     yield sse("[DONE]")

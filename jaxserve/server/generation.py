@@ -20,7 +20,7 @@ from jaxserve.errors import JaxserveError
 from jaxserve.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 from jaxserve.server.bridge import Bridge
 from jaxserve.server.errors import APIError, from_engine_error
-from jaxserve.server.protocol import ErrorResponse, PromptTokensDetails, Usage
+from jaxserve.server.protocol import ErrorResponse, PromptTokensDetails, Usage, now_s
 
 
 @dataclass
@@ -52,6 +52,7 @@ class Generation:
     ):
         self.bridge = bridge
         self.id = base_id
+        self.created = now_s()  # one timestamp for the response and all of its chunks
         self.choices: list[Choice] = []
         self._submissions: list[tuple[str, list[int], SamplingParams]] = []
         for i, (prompt_index, prompt_ids, params) in enumerate(choices):

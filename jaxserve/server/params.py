@@ -36,8 +36,36 @@ class Limits:
     server: ServerConfig
 
 
+# OpenAI fields this server does not implement: named as such rather than "unrecognized".
+UNSUPPORTED_FIELDS = frozenset(
+    {
+        "logit_bias",
+        "functions",
+        "function_call",
+        "best_of",
+        "audio",
+        "modalities",
+        "prediction",
+        "reasoning_effort",
+        "web_search_options",
+        "service_tier",
+    }
+)
+
+
+def check_unknown_fields(req: SamplingFields) -> None:
+    """A field the server would otherwise ignore is a 400 naming it (as OpenAI answers); null,
+    empty and false values mean "not asked for" and pass."""
+    for key, value in (req.model_extra or {}).items():
+        if value is None or value is False or value == {} or value == []:
+            continue
+        what = "is not supported by this server" if key in UNSUPPORTED_FIELDS else "is unknown"
+        raise InvalidRequestError(f"the request field {key!r} {what}", param=key)
+
+
 def check_request(req: SamplingFields, limits: Limits, num_prompts: int = 1) -> None:
     """Everything knowable before tokenizing; runs before any work, so 400 comes before 429."""
+    check_unknown_fields(req)
     s = limits.server
     if req.model is not None and req.model not in limits.model_names:
         raise APIError(

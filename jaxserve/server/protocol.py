@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_serializer
 
 
 def random_id(prefix: str) -> str:
@@ -90,9 +90,10 @@ class NamedToolChoice(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """Fields both endpoints share; unknown fields are ignored, like OpenAI's SDK extras."""
+    """Fields both endpoints share. Other fields are kept (`model_extra`) so the route can
+    refuse them by name (`params.check_request`), as OpenAI does, instead of ignoring them."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     max_tokens: int | None = None
@@ -250,6 +251,16 @@ class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler: Any) -> dict[str, Any]:
+        """Only the first delta names the role, and only tool-call deltas carry tool_calls:
+        as OpenAI, the others leave them out rather than send nulls."""
+        data = handler(self)
+        for key in ("role", "tool_calls"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class ChatChunkChoice(BaseModel):
