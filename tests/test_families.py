@@ -300,3 +300,17 @@ def _run_on_tp2_mesh(families: list[str]) -> None:
 
 if __name__ == "__main__":
     _run_on_tp2_mesh(sys.argv[1:])
+
+
+def test_completion_text_prompts_get_the_bos_a_family_adds():
+    """/v1/completions encodes text as HF and vLLM do (the tokenizer's special tokens, i.e.
+    Gemma's BOS); chat prompts keep what the template wrote."""
+    from jaxserve.config import ServerConfig
+    from jaxserve.server.params import Limits, completion_prompts
+
+    tok = Tokenizer.from_hf_dir(FIXTURES / "gemma3")
+    limits = Limits(("m",), 512, 8, ServerConfig())
+    (ids,) = completion_prompts("The capital of France is", tok, limits)
+    assert tok.add_bos and ids[0] == tok.bos_token_id
+    assert ids == tok.encode("The capital of France is", add_special_tokens=True)
+    assert completion_prompts(["a b", "c"], tok, limits)[1][0] == tok.bos_token_id

@@ -208,14 +208,18 @@ def _check_tokens(num_tokens: int, s: ServerConfig, param: str) -> None:
         )
 
 
-def encode(tokenizer: Tokenizer, text: str, param: str) -> list[int]:
+def encode(
+    tokenizer: Tokenizer, text: str, param: str, add_special_tokens: bool = False
+) -> list[int]:
+    """`add_special_tokens`: the model's BOS for plain text (completions, as vLLM and HF do);
+    a rendered chat template writes its own."""
     try:
         text.encode("utf-8")  # lone surrogates from JSON escapes such as "\ud800" fail here
     except UnicodeError as exc:
         raise InvalidRequestError(f"{param} is not valid Unicode: {exc}", param=param) from exc
     # Same ids as `tokenizer.encode`, but the batch call releases the GIL while it runs, so
     # the event loop keeps serving during a long prompt (`encode` holds it throughout).
-    return tokenizer.backend.encode_batch([text], add_special_tokens=False)[0].ids
+    return tokenizer.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
 
 def completion_prompts(prompt: str | list, tokenizer: Tokenizer, limits: Limits) -> list[list[int]]:
@@ -224,11 +228,11 @@ def completion_prompts(prompt: str | list, tokenizer: Tokenizer, limits: Limits)
     Tokenizes: call it off the event loop (`Offload.run`).
     """
     if isinstance(prompt, str):
-        prompts = [encode(tokenizer, prompt, "prompt")]
+        prompts = [encode(tokenizer, prompt, "prompt", add_special_tokens=True)]
     elif not prompt:
         raise InvalidRequestError("prompt is empty", param="prompt")
     elif isinstance(prompt[0], str):
-        prompts = [encode(tokenizer, p, "prompt") for p in prompt]
+        prompts = [encode(tokenizer, p, "prompt", add_special_tokens=True) for p in prompt]
     elif isinstance(prompt[0], int):
         prompts = [list(prompt)]
     else:
