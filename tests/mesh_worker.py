@@ -17,7 +17,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from safetensors.numpy import save_file
 
 from jaxserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from jaxserve.engine import Engine
@@ -27,13 +26,12 @@ from jaxserve.models.llama import LlamaParams
 from jaxserve.request import SamplingParams
 from jaxserve.runner import Runner
 from jaxserve.weights.safetensors_loader import (
-    LAYER_TENSORS,
     LazyTensor,
     hf_config,
     load_hf_params,
 )
 from tests.fake_model import FakeTokenizer
-from tests.tiny_model import TINY, dense_logits, tiny_params
+from tests.tiny_model import TINY, dense_logits, save_hf_dir, tiny_params
 
 NUM_PAGES = 48  # per dp group
 PAGE_SIZE = 4
@@ -46,29 +44,7 @@ COLLECTIVE = re.compile(
 
 def save_tiny_hf(path: Path) -> None:
     """The tiny model as a Hugging Face directory (weights [out, in], one safetensors file)."""
-    c = TINY
-    config = {
-        "model_type": "llama",
-        "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads,
-        "head_dim": c.head_dim,
-        "rope_theta": c.rope_theta,
-        "rms_norm_eps": c.rms_norm_eps,
-        "tie_word_embeddings": True,
-        "eos_token_id": list(c.eos_token_ids),
-    }
-    (path / "config.json").write_text(json.dumps(config))
-    p = tiny_params()
-    tensors = {"model.embed_tokens.weight": p.embed, "model.norm.weight": p.final_norm}
-    for i, layer in enumerate(p.layers):
-        for field, name in LAYER_TENSORS.items():
-            w = np.asarray(getattr(layer, field))
-            tensors[f"model.layers.{i}.{name}.weight"] = w if w.ndim == 1 else w.T.copy()
-    save_file(tensors, str(path / "model.safetensors"))
+    save_hf_dir(path, TINY, tiny_params())
 
 
 def make_llm(

@@ -8,7 +8,6 @@ within a bounded time. The Leader's failure paths are also checked in-process on
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,15 +22,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from jaxserve import cli
 from jaxserve.config import DistributedConfig, EngineConfig, ModelConfig
 from jaxserve.multihost import Channel, Leader, MultihostError, Op, check_mesh_spans_processes
 from jaxserve.weights.random_model import byte_tokenizer
-from jaxserve.weights.safetensors_loader import LAYER_TENSORS
 from tests.http_server import free_port
-from tests.tiny_model import tiny_params
+from tests.tiny_model import save_hf_dir, tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
 # 4 query / 2 KV heads: tp=2 splits both. 257 byte tokens + EOS fit the vocab.
@@ -59,31 +56,8 @@ EXIT_TIMEOUT_S = 20.0  # a killed follower -> process 0 gone within this
 
 def save_model(path: Path) -> Path:
     """The tiny Llama as a Hugging Face directory: config, safetensors, byte tokenizer."""
-    c = MODEL
-    path.mkdir(parents=True, exist_ok=True)
-    config = {
-        "model_type": "llama",
-        "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads,
-        "head_dim": c.head_dim,
-        "rope_theta": c.rope_theta,
-        "rms_norm_eps": c.rms_norm_eps,
-        "tie_word_embeddings": True,
-        "eos_token_id": list(c.eos_token_ids),
-    }
-    (path / "config.json").write_text(json.dumps(config))
+    save_hf_dir(path, MODEL, tiny_params(MODEL, seed=1))
     (path / "tokenizer.json").write_text(byte_tokenizer().backend.to_str())
-    p = tiny_params(c, seed=1)
-    tensors = {"model.embed_tokens.weight": p.embed, "model.norm.weight": p.final_norm}
-    for i, layer in enumerate(p.layers):
-        for field, name in LAYER_TENSORS.items():
-            w = np.asarray(getattr(layer, field))
-            tensors[f"model.layers.{i}.{name}.weight"] = w if w.ndim == 1 else w.T.copy()
-    save_file(tensors, str(path / "model.safetensors"))
     return path
 
 

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -172,21 +173,25 @@ def test_dp_groups_keep_their_pages_and_give_the_single_group_outputs(num_pages:
 
 
 # ---- on a mesh of 4 simulated devices (one subprocess) -------------------------------------
-@pytest.fixture(scope="module")
-def mesh_report(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("mesh") / "report.json"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+def run_worker(module: str, out: Path, devices: int, timeout_s: int) -> Any:
+    """`python -m module out` with `devices` simulated CPU devices; its JSON report."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache/jaxserve/jax"))
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.mesh_worker", str(out)],
+        [sys.executable, "-m", module, str(out)],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout_s,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def mesh_report(tmp_path_factory) -> dict:
+    return run_worker("tests.mesh_worker", tmp_path_factory.mktemp("mesh") / "r.json", 4, 900)
 
 
 def _mesh(report: dict, tp: int, dp: int) -> dict:
@@ -270,19 +275,7 @@ def test_dp2_on_the_default_model_gives_the_one_device_tokens(tmp_path):
     """The default model, greedy, a batch of 8 prompts: dp=2 over 2 simulated devices gives
     the tokens of one device, compiles nothing after warm-up, and no request's pages leave
     its slot's group. `slow`: two default-model warm-ups in a subprocess (minutes)."""
-    out = tmp_path / "dp.json"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache/jaxserve/jax"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.default_dp_worker", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    one, two = json.loads(out.read_text())
+    one, two = run_worker("tests.default_dp_worker", tmp_path / "dp.json", 2, 1800)
     assert two["tokens"] == one["tokens"]
     assert all(len(t) == 24 for t in one["tokens"])
     assert one["compiles_after_warmup"] == two["compiles_after_warmup"] == 0

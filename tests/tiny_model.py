@@ -5,6 +5,9 @@ Used to check the paged prefill/decode machinery against plain causal attention.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 from jaxserve.config import ModelConfig
@@ -92,3 +95,35 @@ def _np(params: LlamaParams) -> LlamaParams:
     import jax
 
     return jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+
+
+def save_hf_dir(path: Path, cfg: ModelConfig, params: LlamaParams) -> Path:
+    """A Llama as a Hugging Face directory: config.json and one safetensors file (weights
+    [out, in], tied embeddings)."""
+    from safetensors.numpy import save_file
+
+    from jaxserve.weights.safetensors_loader import LAYER_TENSORS
+
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": True,
+        "eos_token_id": list(cfg.eos_token_ids),
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    tensors = {"model.embed_tokens.weight": params.embed, "model.norm.weight": params.final_norm}
+    for i, layer in enumerate(params.layers):
+        for field, name in LAYER_TENSORS.items():
+            w = np.asarray(getattr(layer, field))
+            tensors[f"model.layers.{i}.{name}.weight"] = w if w.ndim == 1 else w.T.copy()
+    save_file(tensors, str(path / "model.safetensors"))
+    return path
