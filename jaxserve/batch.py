@@ -29,8 +29,16 @@ def seed32(seed: int) -> int:
 
 
 class BatchBuilder:
-    def __init__(self, cfg: SchedulerConfig, page_size: int, dp: int = 1, pages_per_group: int = 0):
+    def __init__(
+        self,
+        cfg: SchedulerConfig,
+        page_size: int,
+        dp: int = 1,
+        pages_per_group: int = 0,
+        lora: bool = False,
+    ):
         self.cfg = cfg
+        self.lora = lora  # batches carry each row's LoRA buffer slot (Request.lora_slot)
         self.page_size = page_size
         self.num_slots = cfg.max_running_requests  # per dp group
         self.dp = dp
@@ -78,6 +86,7 @@ class BatchBuilder:
         is_first = np.zeros((s,), np.bool_)
         do_sample = np.zeros((s,), np.bool_)
         sampling = SeqSampling.empty(s)
+        seq_lora = np.zeros((s,), np.int32) if self.lora else None
         off = 0
         for i, c in enumerate(chunks):
             req = c.request
@@ -95,6 +104,8 @@ class BatchBuilder:
             seq_slot[i] = req.slot - group * self.num_slots
             is_first[i] = c.is_first
             do_sample[i] = c.is_last
+            if seq_lora is not None:
+                seq_lora[i] = req.lora_slot
             self._write_sampling(sampling, i, req)
             off = nxt
         return PrefillBatch(
@@ -109,6 +120,7 @@ class BatchBuilder:
             is_first,
             do_sample,
             sampling,
+            seq_lora,
         )
 
     @staticmethod
@@ -131,11 +143,18 @@ class BatchBuilder:
         positions = np.full((self.dp, n), -1, np.int32)
         # Full width: attention walks only as many pages as the longest row needs.
         page_table = np.zeros((self.dp, n, self.max_pages), np.int32)
+        lora_slot = np.zeros((self.dp, n), np.int32)
         for r, slot in zip(reqs, local, strict=True):
             g = self._group(r)
             positions[g, slot] = r.num_computed  # the input token's position
             page_table[g, slot, : len(r.pages)] = self._local_pages(r, g)
-        return DecodeBatch(positions.reshape(-1), page_table.reshape(self.dp * n, -1))
+            if self.lora:
+                lora_slot[g, slot] = r.lora_slot
+        return DecodeBatch(
+            positions.reshape(-1),
+            page_table.reshape(self.dp * n, -1),
+            lora_slot.reshape(-1) if self.lora else None,
+        )
 
     def result_rows(self, plan: StepPlan, decode_width: int) -> tuple[list[int], list[int]]:
         """Rows of the step's result for the plan's prefill chunks and decode requests.
@@ -170,6 +189,7 @@ class BatchBuilder:
             DecodeBatch(
                 np.full((self.dp * n,), -1, np.int32),
                 np.zeros((self.dp * n, self.max_pages), np.int32),
+                np.zeros((self.dp * n,), np.int32) if self.lora else None,
             )
             for n in self.decode_batch_buckets
         ]
@@ -195,6 +215,7 @@ class BatchBuilder:
             np.zeros((s,), np.bool_),
             np.zeros((s,), np.bool_),
             SeqSampling.empty(s),
+            np.zeros((s,), np.int32) if self.lora else None,
         )
 
 

@@ -1,4 +1,4 @@
-"""Command line: `jaxserve serve` (OpenAI-compatible HTTP server), `generate`, `chat`, `bench`.
+"""Command line: `jaxserve serve` (OpenAI-compatible HTTP), `generate`, `chat`, `bench`, `finetune`.
 
 Every config key is also a flag (`jaxserve/flags.py`): flag > environment > TOML > defaults.
 Environment variables are read here only: JAXSERVE_API_KEY, JAXSERVE_CACHE (model cache dir),
@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     add_bench_parser(sub)
+    from jaxserve.finetune import add_finetune_parser  # imports jax: only while parsing
+
+    add_finetune_parser(sub)
     sim = sub.add_parser(
         "simulate",
         help="the real scheduler with a step-cost model instead of a device",

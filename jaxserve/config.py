@@ -158,6 +158,9 @@ class ServerConfig:
     # Beyond this, 503; above max_waiting + max_running_requests so the engine's 429 comes first.
     max_connections: int = 2048
     offload_threads: int = 4  # tokenizing, chat templates, big responses: off the event loop
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's); off by default.
+    enable_runtime_lora: bool = False
+    lora_dir: str | None = None  # runtime loads read only adapters inside this directory
 
 
 @dataclass(frozen=True)
@@ -190,10 +193,30 @@ class EngineConfig:
     tp: int = 1  # tensor parallel: attention/KV heads, MLP hidden dim and vocab split over tp
     # data parallel: dp groups, each with max_running_requests slots and num_pages KV pages
     dp: int = 1
+    # LoRA (jaxserve/lora.py): adapters share fixed stacked buffers, so loading one never
+    # compiles.
+    lora_modules: tuple[str, ...] = ()  # NAME=PATH (a PEFT dir) served from the start; LoRA on
+    enable_lora: bool = False  # allocate the LoRA buffers even with no lora_modules
+    max_loras: int = 4  # adapters resident at once (buffer slots; slot 0 is "no adapter")
+    max_lora_rank: int = 16  # buffers' rank; lower-rank adapters are zero-padded
+    # Projections the buffers cover (PEFT names); adapters may target a subset.
+    lora_target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.enable_lora or bool(self.lora_modules)
 
 
 TABLES = {

@@ -15,10 +15,16 @@ from typing import Protocol
 
 import numpy as np
 
+from jaxserve.adapters import LoraServing, parse_lora_module
 from jaxserve.batch import BatchBuilder
 from jaxserve.config import EngineConfig, ModelConfig, replace, resolve_for_platform
 from jaxserve.detokenize import Decoder, IncrementalDetokenizer
-from jaxserve.errors import ContextLengthError, InvalidRequestError, QueueFullError
+from jaxserve.errors import (
+    ContextLengthError,
+    InvalidRequestError,
+    LoraNotFoundError,
+    QueueFullError,
+)
 from jaxserve.request import (
     FinishReason,
     Request,
@@ -85,7 +91,12 @@ class Engine:
         self.scheduler = Scheduler(
             cfg.scheduler, cfg.cache.page_size, pages * dp, model_cfg.eos_token_ids, dp
         )
-        self.builder = BatchBuilder(cfg.scheduler, cfg.cache.page_size, dp, pages)
+        # LoRA: the runner's adapter buffers, served by name (None: LoRA off).
+        bank = getattr(runner, "lora_bank", None)
+        self.lora = None if bank is None else LoraServing(bank, model_cfg, cfg.max_lora_rank)
+        self.builder = BatchBuilder(
+            cfg.scheduler, cfg.cache.page_size, dp, pages, lora=self.lora is not None
+        )
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._rng = np.random.default_rng(cfg.seed)
@@ -112,6 +123,10 @@ class Engine:
         engine = cls(
             cfg, loaded.config, loaded.tokenizer, Runner(loaded.config, loaded.params, cfg)
         )
+        for spec in cfg.lora_modules:  # --lora NAME=PATH: served from the start
+            name, path = parse_lora_module(spec)
+            assert engine.lora is not None  # lora_modules turn LoRA on
+            engine.lora.load(name, path)
         if warmup:
             engine.warmup()
         return engine
@@ -128,13 +143,16 @@ class Engine:
             if progress is not None:
                 progress(done, total)
         self.runner.permute_slots(np.arange(len(self.scheduler.slots)))
+        if self.lora is not None:  # the adapter buffer write, so loading never compiles
+            self.lora.bank.warmup()
         if progress is not None:
             progress(total, total)
 
     @property
     def num_step_functions(self) -> int:
-        """Compiled functions of this config: step buckets of every mode + the slot permute."""
-        return len(self.builder.warmup_batches()) + 1
+        """Compiled functions of this config: step buckets of every mode + the slot permute
+        (+ the LoRA buffer write)."""
+        return len(self.builder.warmup_batches()) + 1 + (self.lora is not None)
 
     # ---- requests ----------------------------------------------------------------------
     def add_request(
@@ -164,12 +182,19 @@ class Engine:
         params.validate(vocab)
         if len(self.scheduler.waiting) >= self.cfg.scheduler.max_waiting:
             raise QueueFullError(f"{len(self.scheduler.waiting)} requests already waiting")
+        adapter = None
+        if params.lora is not None:  # held until the request ends (its slot stays its own)
+            if self.lora is None:
+                raise LoraNotFoundError(f"LoRA adapter {params.lora!r} is not loaded (LoRA off)")
+            adapter = self.lora.acquire(request_id, params.lora)
         if params.grammar is not None:  # compiled already when the server validated it
             if self._masks is None:
                 self._masks = TokenMasks(self.grammars, len(self.scheduler.slots))
             self._masks.add(request_id, params.grammar)
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**63))
         req = Request(request_id, list(prompt_token_ids), params, seed=seed)
+        if adapter is not None:
+            req.lora_slot, req.cache_salt = adapter.slot, adapter.cache_salt
         self.requests[request_id] = req
         self._detok[request_id] = IncrementalDetokenizer(
             self.tokenizer, params.stop, params.skip_special_tokens
@@ -181,6 +206,8 @@ class Engine:
         """Free the request's slot and pages now; False if it is unknown or already done."""
         req = self.requests.pop(request_id, None)
         self._detok.pop(request_id, None)
+        if self.lora is not None:
+            self.lora.release(request_id)
         if self._masks is not None:
             self._masks.remove(request_id)
         if req is None or req.finished:
@@ -311,6 +338,8 @@ class Engine:
         if req.finished:
             self.requests.pop(req.request_id, None)
             self._detok.pop(req.request_id, None)
+            if self.lora is not None:
+                self.lora.release(req.request_id)
             if self._masks is not None:
                 self._masks.remove(req.request_id)
         return RequestOutput(

@@ -32,3 +32,11 @@ class UnsupportedModelError(JaxserveError, ValueError):
 
 class QueueFullError(JaxserveError):
     """The waiting queue is at `max_waiting` (HTTP 429)."""
+
+
+class LoraAdapterError(JaxserveError, ValueError):
+    """A LoRA adapter cannot be read or does not fit the base model or the LoRA buffers (400)."""
+
+
+class LoraNotFoundError(JaxserveError, LookupError):
+    """A request or unload names an adapter that is not loaded (HTTP 404)."""

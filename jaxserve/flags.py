@@ -38,6 +38,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "cache.dtype": ("--kv-cache-dtype",),
     "server.shutdown_timeout_s": ("--shutdown-timeout",),
     "server.keep_alive_timeout_s": ("--keep-alive-timeout",),
+    "lora_modules": ("--lora",),
 }
 DEST_PREFIX = "config:"  # argparse dest of a config flag: "config:scheduler.max_model_len"
 
@@ -122,7 +123,13 @@ def _argument_kwargs(f: ConfigField) -> dict[str, Any]:
         return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(hint) is tuple:
         item = typing.get_args(hint)[0]
-        return {"type": item, "nargs": "+", "metavar": item.__name__.upper()[0]}
+        # Repeating the flag adds to the list (`--lora a=PATH --lora b=PATH`).
+        return {
+            "type": item,
+            "nargs": "+",
+            "action": "extend",
+            "metavar": item.__name__.upper()[0],
+        }
     if hint in (int, float, str):
         return {"type": hint, "metavar": {int: "N", float: "X", str: "S"}[hint]}
     raise TypeError(f"config field {f.key}: no flag for type {f.hint!r}")

@@ -34,18 +34,23 @@ class PrefixCache:
     def num_pages(self) -> int:
         return len(self._pages)
 
-    def _keys(self, tokens: list[int], num_pages: int, group: int = 0):
-        parent = b"" if group == 0 else b"dp%d" % group  # group 0: the keys without groups
+    def _keys(self, tokens: list[int], num_pages: int, group: int = 0, salt: bytes = b""):
+        # The chain's root names the dp group and the salt (a LoRA adapter's load: the same
+        # tokens give other K/V under another adapter); group 0 without salt: b"", as before.
+        parent = (b"" if group == 0 else b"dp%d" % group) + (b"|" + salt if salt else b"")
         ps = self.page_size
         for i in range(num_pages):
             page = tuple(tokens[i * ps : (i + 1) * ps])
             yield (parent, page)
             parent = hashlib.sha256(parent + array.array("q", page).tobytes()).digest()
 
-    def match(self, tokens: list[int], max_pages: int, group: int = 0) -> list[int]:
+    def match(
+        self, tokens: list[int], max_pages: int, group: int = 0, salt: bytes = b""
+    ) -> list[int]:
         """Pages holding the longest cached prefix of `tokens` (at most `max_pages`)."""
         pages = []
-        for key in self._keys(tokens, min(max_pages, len(tokens) // self.page_size), group):
+        num_pages = min(max_pages, len(tokens) // self.page_size)
+        for key in self._keys(tokens, num_pages, group, salt):
             page = self._pages.get(key)
             if page is None:
                 break
@@ -53,21 +58,21 @@ class PrefixCache:
             pages.append(page)
         return pages
 
-    def peek(self, tokens: list[int], max_pages: int, group: int = 0) -> int:
+    def peek(self, tokens: list[int], max_pages: int, group: int = 0, salt: bytes = b"") -> int:
         """Length in pages of the cached prefix, without touching LRU order or stats."""
         n = 0
-        for key in self._keys(tokens, min(max_pages, len(tokens) // self.page_size), group):
+        num_pages = min(max_pages, len(tokens) // self.page_size)
+        for key in self._keys(tokens, num_pages, group, salt):
             if key not in self._pages:
                 break
             n += 1
         return n
 
-    def insert(self, tokens: list[int], pages: list[int]) -> None:
+    def insert(self, tokens: list[int], pages: list[int], salt: bytes = b"") -> None:
         """Cache the full pages among `pages`, whose K/V hold `tokens` (same order)."""
         group = self.allocator.group_of(pages[0]) if pages else 0
-        for key, page in zip(
-            self._keys(tokens, len(tokens) // self.page_size, group), pages, strict=False
-        ):
+        keys = self._keys(tokens, len(tokens) // self.page_size, group, salt)
+        for key, page in zip(keys, pages, strict=False):
             if key in self._pages:
                 self._pages.move_to_end(key)
                 continue

@@ -48,6 +48,7 @@ class SamplingParams:
     logprobs: int | None = None  # None = off; k = chosen token + top-k alternatives
     skip_special_tokens: bool = True
     grammar: GrammarSpec | None = None  # structured output: tokens outside it are masked
+    lora: str | None = None  # LoRA adapter name (the request's "model"); None = base model
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise InvalidRequestError naming the first bad field."""
@@ -113,6 +114,8 @@ class Request:
     num_retractions: int = 0
     first_token_time: float | None = None
     seed: int = 0  # the effective seed (drawn by the engine when params.seed is None)
+    lora_slot: int = 0  # LoRA buffer slot of its adapter (0 = none), set by the engine
+    cache_salt: bytes = b""  # prefix-cache namespace: its adapter's load (b"" = base model)
 
     @property
     def all_token_ids(self) -> list[int]:

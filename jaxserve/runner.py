@@ -18,6 +18,7 @@ import numpy as np
 
 import kernels
 from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.lora import LoraBank, LoraRows, LoraWeights, delta_fn
 from jaxserve.models import llama
 from jaxserve.quant import QuantPlan
 from jaxserve.sampling import SampleOutput, SamplingRows, sample
@@ -78,6 +79,20 @@ class Runner:
         self.kv_dtype = self.dtype if cfg.cache.dtype == "auto" else jnp.dtype(cfg.cache.dtype)
         self.kv = self._init_kv()
         self.slots = self._init_slots()
+        # LoRA: every adapter's A and B in fixed stacked buffers, an argument of each step, so
+        # loading one is a buffer write (one compiled function), never a new step program.
+        self.lora_bank: LoraBank | None = None
+        if cfg.lora_enabled:
+            if self.layout is not None:
+                raise ValueError("LoRA with tp * dp > 1 is not supported yet")
+            self.lora_bank = LoraBank(
+                model_cfg,
+                cfg.max_loras,
+                cfg.max_lora_rank,
+                cfg.lora_target_modules,
+                self.dtype,
+                self._count_trace,
+            )
         # The token mask is an input of every step, so structured output never recompiles;
         # unconstrained steps pass this resident all-ones mask (no transfer).
         num_slots = cfg.scheduler.max_running_requests * cfg.dp
@@ -136,7 +151,10 @@ class Runner:
         if self.layout is not None:
             decode, prefill = self.layout.put_rows((decode, prefill))
         mask = self._all_allowed if allowed is None else self._put_mask(allowed)
-        self.kv, self.slots, out = self._step_fn(params, self.kv, self.slots, decode, prefill, mask)
+        args = (params, self.kv, self.slots, decode, prefill, mask)
+        if self.lora_bank is not None:
+            args += (self.lora_bank.weights,)
+        self.kv, self.slots, out = self._step_fn(*args)
         return self._to_host(out, t0)
 
     def permute_slots(self, perm: np.ndarray) -> None:
@@ -235,6 +253,16 @@ class Runner:
         )
 
     @staticmethod
+    def _lora_rows(decode: DecodeBatch | None, prefill: PrefillBatch | None) -> LoraRows:
+        """Each row's adapter: decode rows gather their own, prefill tokens go by sequence."""
+        none = jnp.zeros((0,), jnp.int32)
+        return LoraRows(
+            row_slot=none if decode is None else decode.lora_slot,
+            seq_slot=none if prefill is None else prefill.seq_lora,
+            token_seq=none if prefill is None else prefill.token_seq,
+        )
+
+    @staticmethod
     def _start_sequences(rows: SamplingRows, batch: PrefillBatch, num_slots: int) -> SamplingRows:
         """New sequences take over their slot (settings written, token history cleared); the
         step's prompt tokens are recorded for the repetition penalty, resumed output tokens
@@ -264,6 +292,7 @@ class Runner:
         decode: DecodeBatch | None,
         prefill: PrefillBatch | None,
         allowed: jax.Array,  # [B, ceil(V / 32)] int32, packed token mask per slot
+        lora: LoraWeights | None = None,
     ):
         """One forward over [decode rows | prefill tokens], then one sampling call.
 
@@ -287,8 +316,16 @@ class Runner:
         offsets = np.cumsum([0, *sizes[:-1]]).tolist()
         attend = self._attend(decode, prefill)
         cat = lambda name: jnp.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+        lora_fn = None if lora is None else delta_fn(lora, self._lora_rows(decode, prefill))
         hidden, kv = llama.forward(
-            params, self.model_cfg, kv, cat("tokens"), cat("positions"), cat("slot_mapping"), attend
+            params,
+            self.model_cfg,
+            kv,
+            cat("tokens"),
+            cat("positions"),
+            cat("slot_mapping"),
+            attend,
+            lora_fn,
         )
         sample_idx = jnp.concatenate(
             [p.sample_idx + off for p, off in zip(parts, offsets, strict=True)]

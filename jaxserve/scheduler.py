@@ -119,7 +119,8 @@ class Scheduler:
     def _release(self, req: Request, cache: bool = True) -> None:
         """Give back the slot and pages; full pages of computed tokens go to the prefix cache."""
         if cache and self.prefix_cache is not None and req.pages:
-            self.prefix_cache.insert(req.all_token_ids[: req.num_computed], req.pages)
+            tokens = req.all_token_ids[: req.num_computed]
+            self.prefix_cache.insert(tokens, req.pages, req.cache_salt)
         self.allocator.free(req.pages)
         req.pages = []
         req.num_computed = 0
@@ -190,7 +191,7 @@ class Scheduler:
             # Longest cached prefix first, as SGLang does for short queues (stable on ties).
             cache, ps = self.prefix_cache, self.page_size
             self.waiting = collections.deque(
-                sorted(self.waiting, key=lambda r: -self._peek(cache, r.all_token_ids, ps))
+                sorted(self.waiting, key=lambda r: -self._peek(cache, r, ps))
             )
         while self.waiting and budget > 0 and len(chunks) < cfg.max_prefill_seqs:
             if None not in self.slots:
@@ -242,8 +243,9 @@ class Scheduler:
         free = [self.slots[g * b : (g + 1) * b].count(None) for g in range(self.num_groups)]
         return self.slots.index(None, free.index(max(free)) * b)
 
-    def _peek(self, cache: PrefixCache, tokens: list[int], ps: int) -> int:
-        return max(cache.peek(tokens, len(tokens) // ps, g) for g in range(self.num_groups))
+    def _peek(self, cache: PrefixCache, req: Request, ps: int) -> int:
+        tokens, salt = req.all_token_ids, req.cache_salt
+        return max(cache.peek(tokens, len(tokens) // ps, g, salt) for g in range(self.num_groups))
 
     def _match_prefix(self, req: Request, group: int = 0) -> list[int]:
         """Cached pages for req's prefix, retained for it (at least one token is left to run).
@@ -257,7 +259,7 @@ class Scheduler:
         ):
             return []
         max_pages = (req.num_tokens - 1) // self.page_size
-        pages = self.prefix_cache.match(req.all_token_ids, max_pages, group)
+        pages = self.prefix_cache.match(req.all_token_ids, max_pages, group, req.cache_salt)
         self.allocator.retain(pages)
         return pages
 

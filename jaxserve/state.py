@@ -73,6 +73,7 @@ class PrefillBatch:
     is_first: np.ndarray  # [S] bool, first chunk: reset the slot's sampling state
     do_sample: np.ndarray  # [S] bool, last chunk: sample the next token
     sampling: SeqSampling
+    seq_lora: np.ndarray | None = None  # [S] int32, LoRA buffer slot per sequence; None: off
 
 
 @flax.struct.dataclass
@@ -81,6 +82,7 @@ class DecodeBatch:
 
     positions: np.ndarray  # [B] int32, position of each slot's input token, -1 = inactive
     page_table: np.ndarray  # [B, P_bucket] int32
+    lora_slot: np.ndarray | None = None  # [B] int32, LoRA buffer slot per row; None: LoRA off
 
 
 @flax.struct.dataclass

@@ -56,7 +56,7 @@ def other_value(f: ConfigField, current: Any) -> tuple[Any, list[str]]:
     elif inner is str:
         value = f"x-{f.name}"
     elif typing.get_origin(inner) is tuple:
-        value = (3, 5, 7, 11)
+        value = tuple(map(typing.get_args(inner)[0], (3, 5, 7, 11)))  # ints, or their strings
         return value, [flag_name(f), *map(str, value)]
     else:
         raise AssertionError(f"{f.key}: the test has no value for {hint!r}")

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 import kernels
 from jaxserve.config import ModelConfig
+from jaxserve.lora import LoraFn
 from jaxserve.quant import Weight, dense
 
 
@@ -134,10 +135,13 @@ def forward(
     positions: jax.Array,  # [N] int32, < 0 = padding
     slot_mapping: jax.Array,  # [N] int32, where each token's K/V goes; < 0 = nowhere
     attend: AttendFn,
+    lora: LoraFn | None = None,
 ) -> tuple[jax.Array, KVCache]:  # hidden [N, Dm] after the final norm, updated cache
     """Run all layers over N token rows, writing their K/V into the paged cache.
 
     Every `cfg.arch` switch is a Python branch, so each family traces to its own program.
+    `lora(y, layer, target)` adds each row's adapter delta to the projections it covers
+    (`jaxserve/lora.py`); without it the program is the base model's, unchanged.
     """
     n = tokens.shape[0]
     h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -150,13 +154,19 @@ def forward(
     if arch.embed_scale:  # HF rounds sqrt(hidden) to the model dtype first
         x = x * jnp.asarray(math.sqrt(cfg.hidden_size), x.dtype)
     new_k, new_v = [], []
+
+    def proj(y: jax.Array, w: Weight, layer: int, target: str) -> jax.Array:
+        out = dense(y, w)
+        delta = None if lora is None else lora(y, layer, target)
+        return out if delta is None else out + delta.astype(out.dtype)
+
     # Layers are unrolled: a scan carrying the whole cache copied it every step (FACTS.md).
     for i, lp in enumerate(params.layers):
         local = arch.is_local(i)
         y = norm(x, lp.attn_norm)
-        q = _add_bias(dense(y, lp.wq), lp.bq).reshape(n, h, d)
-        k = _add_bias(dense(y, lp.wk), lp.bk).reshape(n, kvh, d)
-        v = _add_bias(dense(y, lp.wv), lp.bv).reshape(n, kvh, d)
+        q = _add_bias(proj(y, lp.wq, i, "q_proj"), lp.bq).reshape(n, h, d)
+        k = _add_bias(proj(y, lp.wk, i, "k_proj"), lp.bk).reshape(n, kvh, d)
+        v = _add_bias(proj(y, lp.wv, i, "v_proj"), lp.bv).reshape(n, kvh, d)
         if arch.qk_norm:
             q, k = norm(q, lp.q_norm), norm(k, lp.k_norm)
         q = apply_rope(q, positions, inv_freq[local])
@@ -168,10 +178,11 @@ def forward(
             o = attend(q, k_pages, v_pages, sliding_window=arch.sliding_window)
         else:
             o = attend(q, k_pages, v_pages)
-        o = dense(o.reshape(n, h * d), lp.wo)
+        o = proj(o.reshape(n, h * d), lp.wo, i, "o_proj")
         x = x + (norm(o, lp.post_attn_norm) if arch.post_norms else o)
         y = norm(x, lp.mlp_norm)
-        o = dense(act(dense(y, lp.w_gate)) * dense(y, lp.w_up), lp.w_down)
+        gate, up = proj(y, lp.w_gate, i, "gate_proj"), proj(y, lp.w_up, i, "up_proj")
+        o = proj(act(gate) * up, lp.w_down, i, "down_proj")
         x = x + (norm(o, lp.post_mlp_norm) if arch.post_norms else o)
     return norm(x, params.final_norm), KVCache(tuple(new_k), tuple(new_v))
 

@@ -20,6 +20,7 @@ from jaxserve.server.completions import create_completion
 from jaxserve.server.dashboard import page_html, state
 from jaxserve.server.docs import create_docs_app, generation_responses, json_body
 from jaxserve.server.errors import APIError, install_error_handlers
+from jaxserve.server.lora_routes import add_lora_routes
 from jaxserve.server.offload import Offload
 from jaxserve.server.params import Limits
 from jaxserve.server.protocol import (
@@ -83,11 +84,13 @@ def create_app(bridge: Bridge, server_cfg: ServerConfig, model_name: str) -> Fas
                 headers={"Retry-After": "5"},
             )
         scheduler = bridge.engine.cfg.scheduler
+        lora = bridge.engine.lora
         return Limits(
             model_names=names,
             max_model_len=scheduler.max_model_len,
             max_waiting=scheduler.max_waiting,
             server=server_cfg,
+            lora_names=tuple(lora.names()) if lora is not None else (),
         )
 
     auth = [Depends(_auth(server_cfg.api_key))]
@@ -98,7 +101,11 @@ def create_app(bridge: Bridge, server_cfg: ServerConfig, model_name: str) -> Fas
     @v1.get("/models")
     async def list_models() -> ModelList:
         max_len = bridge.engine.cfg.scheduler.max_model_len if bridge.engine else None
-        return ModelList(data=[ModelCard(id=name, max_model_len=max_len) for name in names])
+        cards = [ModelCard(id=name, max_model_len=max_len) for name in names]
+        lora = bridge.engine.lora if bridge.engine else None
+        for name in lora.names() if lora is not None else ():
+            cards.append(ModelCard(id=name, max_model_len=max_len, parent=names[0]))
+        return ModelList(data=cards)
 
     @v1.post(
         "/completions",
@@ -120,6 +127,8 @@ def create_app(bridge: Bridge, server_cfg: ServerConfig, model_name: str) -> Fas
     async def dashboard_state() -> JSONResponse:
         return JSONResponse(state(bridge.dashboard, bridge.snapshot, bridge.ready))
 
+    if server_cfg.enable_runtime_lora:  # off unless the operator turns it on
+        add_lora_routes(v1, bridge, server_cfg, offload, names)
     app.include_router(v1)
 
     dashboard = page_html()

@@ -72,7 +72,7 @@ async def create_chat_completion(
         bridge, random_id("chatcmpl"), [(0, prompt_ids, p) for p in per_choice(params, body.n)]
     )
     await gen.start()
-    model = limits.model_names[0]
+    model = body.model if body.model in limits.lora_names else limits.model_names[0]
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         stream = _stream(gen, model, tokenizer, body.logprobs, usage, tools)

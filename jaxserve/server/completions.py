@@ -74,7 +74,7 @@ async def create_completion(
         choices += [(p, prompt_ids, choice) for choice in per_choice(params, body.n)]
     gen = Generation(bridge, random_id("cmpl"), choices)
     await gen.start()
-    model = limits.model_names[0]
+    model = body.model if body.model in limits.lora_names else limits.model_names[0]
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         return EventStream(_stream(gen, model, tokenizer, body, usage), on_close=gen.close)

@@ -14,7 +14,14 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from jaxserve.errors import ContextLengthError, InvalidRequestError, JaxserveError, QueueFullError
+from jaxserve.errors import (
+    ContextLengthError,
+    InvalidRequestError,
+    JaxserveError,
+    LoraAdapterError,
+    LoraNotFoundError,
+    QueueFullError,
+)
 from jaxserve.server.bridge import EngineUnavailableError
 from jaxserve.server.protocol import ErrorInfo, ErrorResponse
 
@@ -60,6 +67,10 @@ def from_engine_error(exc: Exception) -> APIError:
         return APIError(400, str(exc), param=exc.param, code="context_length_exceeded")
     if isinstance(exc, InvalidRequestError):
         return APIError(400, str(exc), param=exc.param, code="invalid_value")
+    if isinstance(exc, LoraNotFoundError):  # as an unknown model
+        return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, LoraAdapterError):
+        return APIError(400, str(exc), param="lora_path", code="invalid_lora_adapter")
     if isinstance(exc, EngineUnavailableError):
         return APIError(
             503,

@@ -34,6 +34,7 @@ class Limits:
     max_model_len: int
     max_waiting: int  # a request with more choices than this could never be queued
     server: ServerConfig
+    lora_names: tuple[str, ...] = ()  # LoRA adapters served now; a request's model picks one
 
 
 # OpenAI fields this server does not implement: named as such rather than "unrecognized".
@@ -67,11 +68,11 @@ def check_request(req: SamplingFields, limits: Limits, num_prompts: int = 1) -> 
     """Everything knowable before tokenizing; runs before any work, so 400 comes before 429."""
     check_unknown_fields(req)
     s = limits.server
-    if req.model is not None and req.model not in limits.model_names:
+    if req.model is not None and req.model not in (*limits.model_names, *limits.lora_names):
         raise APIError(
             404,
             f"the model {req.model!r} does not exist; this server serves "
-            f"{', '.join(map(repr, limits.model_names))}",
+            f"{', '.join(map(repr, (*limits.model_names, *limits.lora_names)))}",
             param="model",
             code="model_not_found",
         )
@@ -143,6 +144,7 @@ def sampling_params(
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
         grammar=grammar,
+        lora=req.model if req.model in limits.lora_names else None,
     )
     params.validate()
     if 0 < room < max_tokens:

@@ -286,6 +286,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=now_s)
     owned_by: str = "jaxserve"
     max_model_len: int | None = None
+    parent: str | None = None  # a LoRA adapter's base model (as vLLM lists them)
 
 
 class ModelList(BaseModel):
