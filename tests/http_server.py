@@ -46,6 +46,22 @@ def run_server(bridge: Bridge, server_cfg: ServerConfig) -> Iterator[str]:
         thread.join(10)
 
 
+@contextmanager
+def serve_engine(engine, server_cfg: ServerConfig) -> Iterator[tuple[str, Bridge]]:
+    """A real server over the session's `engine` (its thread started here and stopped after);
+    the engine must end with no request, slot or page left."""
+    from tests.conftest import assert_engine_idle
+
+    bridge = Bridge(engine)
+    bridge.start()
+    try:
+        with run_server(bridge, server_cfg) as url:
+            yield url, bridge
+    finally:
+        bridge.stop()
+    assert_engine_idle(engine)
+
+
 def assert_error(
     r: httpx.Response, status: int, param: str | None = None, code: str | None = None
 ) -> dict:

@@ -19,8 +19,7 @@ import pytest
 
 from jaxserve.config import ServerConfig
 from jaxserve.server import Bridge
-from tests.conftest import assert_engine_idle
-from tests.http_server import MODEL, run_server
+from tests.http_server import MODEL, serve_engine
 from tests.test_docs_route import browser, open_offline  # noqa: F401 - the browser fixture
 
 KEY = "dash-key"
@@ -28,14 +27,8 @@ KEY = "dash-key"
 
 @pytest.fixture(scope="module")
 def live(engine) -> Iterator[tuple[str, Bridge]]:
-    bridge = Bridge(engine)
-    bridge.start()
-    try:
-        with run_server(bridge, ServerConfig(api_key=KEY)) as url:
-            yield url, bridge
-    finally:
-        bridge.stop()
-    assert_engine_idle(engine)
+    with serve_engine(engine, ServerConfig(api_key=KEY)) as (url, bridge):
+        yield url, bridge
 
 
 def load(url: str, n: int, max_tokens: int) -> list[str]:

@@ -27,9 +27,7 @@ from schemathesis.checks import (  # noqa: E402
 )
 
 from jaxserve.config import ServerConfig  # noqa: E402
-from jaxserve.server import Bridge  # noqa: E402
-from tests.conftest import assert_engine_idle  # noqa: E402
-from tests.http_server import run_server  # noqa: E402
+from tests.http_server import serve_engine  # noqa: E402
 
 EXAMPLES = int(os.environ.get("JAXSERVE_FUZZ_EXAMPLES", "20"))
 ROUTES = [
@@ -49,14 +47,8 @@ MAX_TOKENS = 4  # generated requests ask for up to the context length: keep CI s
 
 @pytest.fixture(scope="module")
 def live(engine) -> Iterator[tuple[str, object]]:
-    bridge = Bridge(engine)
-    bridge.start()
-    try:
-        with run_server(bridge, ServerConfig()) as url:
-            yield url, schemathesis.openapi.from_url(f"{url}/openapi.json")
-    finally:
-        bridge.stop()
-    assert_engine_idle(engine)
+    with serve_engine(engine, ServerConfig()) as (url, bridge):
+        yield url, schemathesis.openapi.from_url(f"{url}/openapi.json")
 
 
 def bound(body: object) -> None:

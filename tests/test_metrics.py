@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from jaxserve.config import ServerConfig
 from jaxserve.server import Bridge
 from tests.conftest import assert_engine_idle
-from tests.http_server import MODEL, run_server
+from tests.http_server import MODEL, serve_engine
 
 FILLER = (
     "You answer questions about the history of science in plain words, citing the year of "
@@ -28,14 +28,8 @@ FILLER = (
 
 @pytest.fixture(scope="module")
 def live(engine) -> Iterator[tuple[str, Bridge]]:
-    bridge = Bridge(engine)
-    bridge.start()
-    try:
-        with run_server(bridge, ServerConfig()) as url:
-            yield url, bridge
-    finally:
-        bridge.stop()
-    assert_engine_idle(engine)
+    with serve_engine(engine, ServerConfig()) as (url, bridge):
+        yield url, bridge
 
 
 @pytest.fixture

@@ -21,13 +21,11 @@ from jaxserve.config import ServerConfig
 from jaxserve.errors import InvalidRequestError
 from jaxserve.request import FinishReason, GrammarSpec, SamplingParams
 from jaxserve.sampling import apply_token_mask, unpack_token_mask
-from jaxserve.server import Bridge
 from jaxserve.server.constraints import grammar_spec
 from jaxserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from jaxserve.server.tools import parse_tool_calls, plan_tools
 from jaxserve.structured import GrammarCache, TokenMasks, mask_words
-from tests.conftest import assert_engine_idle
-from tests.http_server import assert_error, run_server
+from tests.http_server import assert_error, serve_engine
 
 PERSON = {
     "type": "object",
@@ -338,14 +336,8 @@ def test_bench_structured_smoke(llm, idle_engine):
 # engine: tests that step it themselves (llm, idle_engine) belong above.
 @pytest.fixture(scope="module")
 def server(engine) -> Iterator[tuple[str, int]]:
-    bridge = Bridge(engine)
-    bridge.start()
-    try:
-        with run_server(bridge, ServerConfig()) as url:
-            yield url, engine.runner.num_compiles
-    finally:
-        bridge.stop()
-    assert_engine_idle(engine)
+    with serve_engine(engine, ServerConfig()) as (url, bridge):
+        yield url, engine.runner.num_compiles
 
 
 def client(url: str) -> openai.OpenAI:
