@@ -16,7 +16,7 @@ import threading
 from collections.abc import Sequence
 
 from jaxserve.bench import BenchError, add_bench_parser
-from jaxserve.config import EngineConfig, ServerConfig, dump_toml, load_config
+from jaxserve.config import EngineConfig, ServerConfig, dump_toml, load_config, replace
 from jaxserve.errors import JaxserveError, ModelNotFoundError, UnsupportedModelError
 from jaxserve.flags import add_config_flags, apply_overrides, given_flags
 from jaxserve.request import SamplingParams
@@ -122,17 +122,17 @@ def server_config(args: argparse.Namespace, cfg: EngineConfig) -> ServerConfig:
 
 # ---- commands ----------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from jaxserve import faults
+    from jaxserve import faults, multihost
     from jaxserve.server import Bridge, create_app
     from jaxserve.server.connection import ServeConfig
     from jaxserve.server.shutdown import GracefulServer
 
     cfg, spec = _engine_config(args)
     dist = cfg.distributed
-    if dist.num_processes > 1:  # multi-host (docs/scaling.md)
-        from jaxserve import multihost
-
-        multihost.initialize(dist)  # before anything asks JAX for its devices
+    if dist.num_processes > 1 or dist.coordinator == multihost.AUTO:  # docs/scaling.md
+        dist = multihost.initialize(dist)  # before anything asks JAX for its devices
+        cfg = replace(cfg, distributed=dist)
+    if dist.num_processes > 1:
         multihost.check_mesh_spans_processes(cfg)
         if dist.process_id > 0:  # no HTTP here: step with process 0 until it stops
             if code := multihost.follow(cfg):  # process 0 is gone: skip jax's exit barrier

@@ -167,7 +167,9 @@ class ServerConfig:
 class DistributedConfig:
     """Multi-host serving with jax.distributed (docs/scaling.md): one mesh over all processes."""
 
-    coordinator: str | None = None  # HOST:PORT process 0 listens on (or $JAXSERVE_COORDINATOR)
+    # HOST:PORT process 0 listens on (or $JAXSERVE_COORDINATOR); "auto": jax reads it, the
+    # process count and id from the cluster (Cloud TPU pod slice, SLURM, Open MPI, Kubernetes)
+    coordinator: str | None = None
     num_processes: int = 1  # processes of the job (or $JAXSERVE_NUM_PROCESSES)
     process_id: int = 0  # this one (or $JAXSERVE_PROCESS_ID): 0 serves HTTP, others follow it
     keepalive_s: float = 2.0  # an idle process 0 pings the others this often (finds dead ones)

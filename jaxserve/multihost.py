@@ -8,6 +8,7 @@ spans their devices. A follower that dies (or stops answering) ends the server, 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import pickle
@@ -54,13 +55,23 @@ class MultihostError(JaxserveError, RuntimeError):
     """A process of a multi-host job died, stopped answering, or was set up wrong."""
 
 
-def initialize(cfg: DistributedConfig) -> None:
-    """`jax.distributed.initialize`; call before anything asks JAX for its devices."""
+AUTO = "auto"  # --coordinator auto: jax finds the cluster (Cloud TPU, SLURM, Open MPI, k8s)
+
+
+def initialize(cfg: DistributedConfig) -> DistributedConfig:
+    """`jax.distributed.initialize`; call before anything asks JAX for its devices.
+
+    With `coordinator = "auto"` jax reads the coordinator, the process count and this
+    process's id from the cluster it runs in (a TPU pod slice's metadata, SLURM's or Open
+    MPI's environment, ...); the returned config carries what it found.
+    """
+    auto = cfg.coordinator == AUTO
     if not cfg.coordinator:
         raise MultihostError(
-            f"num_processes={cfg.num_processes} needs a coordinator (--coordinator HOST:PORT)"
+            f"num_processes={cfg.num_processes} needs a coordinator "
+            f"(--coordinator HOST:PORT, or {AUTO} on a TPU pod slice or a SLURM / MPI job)"
         )
-    if not 0 <= cfg.process_id < cfg.num_processes:
+    if not auto and not 0 <= cfg.process_id < cfg.num_processes:
         raise MultihostError(
             f"process_id={cfg.process_id} is not in [0, num_processes={cfg.num_processes})"
         )
@@ -73,12 +84,24 @@ def initialize(cfg: DistributedConfig) -> None:
     # HEARTBEAT_TIMEOUT_S; the Leader reports a lost process well before. (Turning that off,
     # `jax_enable_recoverability`, would also drop the shutdown barrier that lets followers
     # disconnect before process 0's coordinator goes away.)
-    jax.distributed.initialize(
-        cfg.coordinator,
-        cfg.num_processes,
-        cfg.process_id,
-        heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
-    )
+    if auto:
+        try:
+            jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
+        except ValueError as exc:  # jax found no cluster to read the settings from
+            raise MultihostError(
+                f"--coordinator {AUTO}: no cluster jax can detect (Cloud TPU, SLURM, Open MPI, "
+                f"Kubernetes) here; give --coordinator HOST:PORT and the ids ({exc})"
+            ) from None
+        cfg = dataclasses.replace(
+            cfg, num_processes=jax.process_count(), process_id=jax.process_index()
+        )
+    else:
+        jax.distributed.initialize(
+            cfg.coordinator,
+            cfg.num_processes,
+            cfg.process_id,
+            heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+        )
     log.info(
         "process %d of %d: %d local of %d devices",
         cfg.process_id,
@@ -86,6 +109,7 @@ def initialize(cfg: DistributedConfig) -> None:
         jax.local_device_count(),
         jax.device_count(),
     )
+    return cfg
 
 
 def check_mesh_spans_processes(cfg: EngineConfig) -> None:

@@ -9,6 +9,7 @@ the same step runs as one SPMD program over a device mesh (`jaxserve/sharding.py
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ from jaxserve.state import (
     init_slot_state,
 )
 from jaxserve.structured import mask_words
+
+log = logging.getLogger(__name__)
 
 
 def resolve_dtype(name: str) -> jnp.dtype:
@@ -60,6 +63,7 @@ class Runner:
         self.page_size = cfg.cache.page_size
         self.num_compiles = 0
         self.impl = kernels.resolve_impl(cfg.attention_impl)
+        self.num_kernel_fallbacks = 0  # Pallas programs that failed to build -> reference
         self.quant = QuantPlan.from_config(cfg.quantization, cfg.int8_max_rows)
         # tp = dp = 1: no mesh at all, the single-device path exactly as it always was.
         self.layout: MeshLayout | None = None
@@ -100,12 +104,19 @@ class Runner:
         self._all_allowed = self._put_mask(all_allowed)  # [B, ceil(V / 32)] int32
         # One traced function for all three forward modes; which parts are present (and their
         # buckets) picks the compiled program.
+        self._step_fn = self._jit_step()
         if self.layout is None:
-            self._step_fn = jax.jit(self._step, donate_argnames=("kv", "slots"))
             self._permute_fn = jax.jit(self._permute_step, donate_argnames=("slots",))
         else:
-            self._step_fn = self.layout.jit_step(self._step, self._slot_shardings)
             self._permute_fn = self.layout.jit_permute(self._permute_step, self._slot_shardings)
+
+    def _jit_step(self):
+        # A fresh partial each time: a new jit cache, so a rebuilt step retraces with the
+        # runner's current attention impl instead of reusing the old trace.
+        step = functools.partial(Runner._step, self)
+        if self.layout is None:
+            return jax.jit(step, donate_argnames=("kv", "slots"))
+        return self.layout.jit_step(step, self._slot_shardings)
 
     def _init_kv(self) -> llama.KVCache:
         """Pages of one dp group = cache.num_pages; each group's range lives on its devices."""
@@ -151,11 +162,39 @@ class Runner:
         if self.layout is not None:
             decode, prefill = self.layout.put_rows((decode, prefill))
         mask = self._all_allowed if allowed is None else self._put_mask(allowed)
-        args = (params, self.kv, self.slots, decode, prefill, mask)
-        if self.lora_bank is not None:
-            args += (self.lora_bank.weights,)
-        self.kv, self.slots, out = self._step_fn(*args)
+        extra = () if self.lora_bank is None else (self.lora_bank.weights,)
+        self.kv, self.slots, out = self._call_step(params, decode, prefill, mask, *extra)
         return self._to_host(out, t0)
+
+    def _call_step(self, params, *inputs):
+        """The step function; a Pallas step that fails while it is built (traced, lowered or
+        compiled: a kernel a device's compiler rejects) is rebuilt on the jnp reference
+        attention and run again, once, with a warning and `num_kernel_fallbacks` counted."""
+        compiles = self.num_compiles
+        try:
+            return self._step_fn(params, self.kv, self.slots, *inputs)
+        except Exception as exc:
+            built = self.num_compiles > compiles  # this call traced a new program
+            intact = not any(a.is_deleted() for a in jax.tree.leaves((self.kv, self.slots)))
+            if self.impl == "reference" or not (built and intact):
+                raise
+            failed_impl, failed_fn = self.impl, self._step_fn
+            self.num_compiles = compiles  # the failed build left no program
+            self.impl, self._step_fn = "reference", self._jit_step()
+            try:
+                result = self._step_fn(params, self.kv, self.slots, *inputs)
+            except Exception:  # not the kernel's fault: keep the kernels, report this error
+                self.impl, self._step_fn = failed_impl, failed_fn
+                raise
+            self.num_kernel_fallbacks += 1
+            log.warning(
+                "attention impl %r failed to build a step (%s: %s); "
+                "falling back to the jnp reference attention",
+                failed_impl,
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
+            return result
 
     def permute_slots(self, perm: np.ndarray) -> None:
         """Slot i takes the device state of slot perm[i] (perm: [B] int32 permutation)."""

@@ -153,3 +153,67 @@ def test_quantized_weights_stay_close_to_the_dense_float_model(quantization, tol
     assert 0 < worst < tol  # approximate, yet close
     if quantization == "int8":
         assert runner.quant.kind_for(4) == "int8" and runner.quant.kind_for(64) == "bf16"
+
+
+def _failing_kernel(*args, **kwargs):
+    raise NotImplementedError("Mosaic failed to lower: unsupported shape (forced by the test)")
+
+
+def test_a_kernel_that_fails_to_build_falls_back_to_the_reference(tiny, monkeypatch, caplog):
+    """A Pallas kernel the device's compiler rejects: the step is rebuilt on the jnp reference
+    attention with one warning line and a /metrics counter, the server keeps serving the
+    same greedy tokens, and nothing more compiles once warm."""
+    import dataclasses
+    import logging
+
+    import httpx
+
+    import kernels.gpu
+    from jaxserve.config import ServerConfig
+    from jaxserve.server import Bridge
+    from tests.http_server import run_server
+
+    for op in ("paged_attention", "extend_attention"):  # MIXED runs both
+        monkeypatch.setattr(kernels.gpu, op, _failing_kernel)
+    cfg = dataclasses.replace(tiny.engine.cfg, attention_impl="interpret")
+    runner = Runner(TINY, tiny_params(), cfg)
+    engine = Engine(cfg, TINY, FakeTokenizer(), runner)
+    with caplog.at_level(logging.WARNING, logger="jaxserve.runner"):
+        engine.warmup()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "jaxserve.runner"]
+    assert len(warnings) == 1 and "falling back to the jnp reference" in warnings[0]
+    assert "Mosaic failed to lower" in warnings[0]
+    assert runner.impl == "reference" and runner.num_kernel_fallbacks == 1
+    assert runner.num_compiles == engine.num_step_functions  # the failed build is no program
+    warm = runner.num_compiles
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    got = [o.token_ids for o in LLM(engine=engine).generate_tokens(PROMPTS, params)]
+    assert got == [o.token_ids for o in tiny.generate_tokens(PROMPTS, params)]
+    assert runner.num_compiles == warm and engine.stats.num_failed == 0
+    bridge = Bridge(engine)
+    bridge.start()
+    try:
+        with run_server(bridge, ServerConfig()) as url:
+            metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    finally:
+        bridge.stop()
+    assert "\njaxserve_kernel_fallbacks_total 1.0\n" in metrics
+
+
+def test_a_failure_that_is_not_the_kernels_is_not_hidden_by_the_fallback(tiny, monkeypatch):
+    """When the reference build fails too, the error is the step's (its requests fail as
+    before) and the runner keeps the kernels it was asked for."""
+    import dataclasses
+
+    from jaxserve import runner as runner_mod
+
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("broken model (forced by the test)")
+
+    cfg = dataclasses.replace(tiny.engine.cfg, attention_impl="interpret")
+    runner = Runner(TINY, tiny_params(), cfg)
+    engine = Engine(cfg, TINY, FakeTokenizer(), runner)
+    monkeypatch.setattr(runner_mod.llama, "forward", broken_forward)
+    out = LLM(engine=engine).generate_tokens([PROMPTS[0]], SamplingParams(max_tokens=2))[0]
+    assert out.finish_reason.value == "error"
+    assert runner.impl == "interpret" and runner.num_kernel_fallbacks == 0

@@ -359,3 +359,77 @@ def test_process_0_fails_requests_and_health_when_a_follower_is_lost():
             assert again.status_code == 503, again.text
     finally:
         bridge.stop()
+
+
+# ---- --coordinator auto: the cluster's settings, read by jax -------------------------------
+AUTO_WORKER = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental import multihost_utils
+from jaxserve.config import DistributedConfig
+from jaxserve.multihost import initialize
+cfg = initialize(DistributedConfig(coordinator="auto"))
+total = multihost_utils.process_allgather(jnp.asarray([cfg.process_id + 1]))  # a real collective
+print("RESULT", cfg.process_id, cfg.num_processes, jax.device_count(), int(np.sum(total)))
+"""
+
+
+def slurm_env(job_id: int, ntasks: int, procid: int) -> dict[str, str]:
+    """What `srun` sets for one task of a one-node job (what jax's SlurmCluster reads)."""
+    return {
+        "SLURM_JOB_ID": str(job_id),
+        "SLURM_STEP_NODELIST": "localhost",
+        "SLURM_NTASKS": str(ntasks),
+        "SLURM_PROCID": str(procid),
+        "SLURM_LOCALID": str(procid),
+        "SLURM_STEP_NUM_NODES": "1",
+    }
+
+
+def test_coordinator_auto_reads_the_cluster_and_joins_its_processes():
+    """Two processes under a SLURM job's environment, `coordinator = "auto"`: each learns its
+    id and the count from the cluster, and a cross-process collective sums over both."""
+    # jax picks the port from the job id (in 61440-65535): one that is free now.
+    job_id = next(j for j in range(4096) if _port_free(61440 + j)) + 4096 * 7
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "XLA_FLAGS"))}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", AUTO_WORKER],
+            env={**env, **slurm_env(job_id, 2, i), "JAX_PLATFORMS": "cpu"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    lines = [line.split() for out, _ in outs for line in out.splitlines()]
+    results = sorted(words[1:] for words in lines if words[:1] == ["RESULT"])
+    assert results == [["0", "2", "2", "3"], ["1", "2", "2", "3"]]
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_coordinator_auto_outside_a_cluster_is_a_clear_error():
+    code = (
+        "from jaxserve.config import DistributedConfig\n"
+        "from jaxserve.multihost import initialize\n"
+        "initialize(DistributedConfig(coordinator='auto'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_"))}
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert r.returncode != 0
+    assert "--coordinator auto: no cluster jax can detect" in r.stderr, r.stderr[-2000:]

@@ -294,6 +294,7 @@ class Bridge:
             prefix_cache_queries=cache.queries if cache is not None else 0,
             prefix_cache_hits=cache.hits if cache is not None else 0,
             num_compiles=e.runner.num_compiles,
+            num_kernel_fallbacks=getattr(e.runner, "num_kernel_fallbacks", 0),
             num_step_functions=self._num_step_functions,
             num_retractions=s.num_retractions,
             num_aborted=st.num_aborted,

@@ -47,6 +47,7 @@ class EngineSnapshot:
     prefix_cache_queries: int = 0  # tokens of requests admitted while the cache is on
     prefix_cache_hits: int = 0  # of those, tokens served from the cache
     num_compiles: int = 0
+    num_kernel_fallbacks: int = 0  # Pallas step builds that failed and run on the reference
     num_step_functions: int = 0
     num_retractions: int = 0
     num_aborted: int = 0
@@ -81,6 +82,11 @@ _COUNTERS = {
     ),
     "prefix_cache_hits": ("prefix_cache_hits", "Tokens served from the prefix cache."),
     "num_compiles": ("compiles", "XLA compilations (constant after warm-up)."),
+    "num_kernel_fallbacks": (
+        "kernel_fallbacks",
+        "Step programs whose Pallas attention failed to build and that run on the jnp "
+        "reference instead (0 unless a device's compiler rejects a kernel).",
+    ),
     "num_retractions": ("retractions", "Running requests retracted for lack of KV pages."),
     "num_aborted": ("aborted_requests", "Requests aborted (client gone or shutdown)."),
     "num_failed": ("failed_requests", "Requests failed by an error inside a step."),
