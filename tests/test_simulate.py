@@ -331,9 +331,10 @@ def test_simulator_plans_the_real_engines_steps(real_and_simulated):
 
 @pytest.mark.slow
 def test_measured_model_predicts_the_real_throughput(real_and_simulated):
-    """Time is the cost model's: the continuous/static ratio within 30% of the real one (the
-    issue's 15% is checked at full size in docs/simulation.md, on a quiet machine). A timing
-    check, so `slow`: on shared cores the real side moves 1.5-2x with the neighbours."""
+    """Time is the cost model's: the continuous/static ratio within 15% of the real one, each
+    policy's throughput within 2x (the full-size 15% runs are in docs/simulation.md). A
+    timing check, so `slow` and for a quiet machine: on shared cores the real side moves
+    1.5-2x with the neighbours (quiet: 1.258x real, 1.264x simulated)."""
     real, sim, _ = real_and_simulated
     for p in ("continuous", "static"):
         assert 0.5 < sim[p]["output_tok_per_s"] / real[p]["output_tok_per_s"] < 2.0, p
@@ -343,4 +344,4 @@ def test_measured_model_predicts_the_real_throughput(real_and_simulated):
     }
     print(f"continuous/static real {ratio['real']:.3f}, simulated {ratio['sim']:.3f}")
     assert ratio["real"] > 1.05  # the trace does separate the policies
-    assert ratio["sim"] == pytest.approx(ratio["real"], rel=0.30)
+    assert ratio["sim"] == pytest.approx(ratio["real"], rel=0.15)
