@@ -25,6 +25,15 @@ def kv_page_bytes(model_cfg: ModelConfig, page_size: int, dtype: jnp.dtype) -> i
     return per_token * page_size * jnp.dtype(dtype).itemsize
 
 
+def kv_heads_per_device(model_cfg: ModelConfig, tp: int) -> int:
+    """KV heads one device caches: split over tp, or one each when tp > KV heads (each head
+    replicated, `sharding.replicate_kv_heads`)."""
+    kvh = model_cfg.num_kv_heads
+    if kvh % tp == 0:
+        return kvh // tp
+    return 1 if tp % kvh == 0 else kvh  # (a tp that fits neither is refused by check_mesh)
+
+
 def free_device_bytes(device: jax.Device) -> int | None:
     """Memory the allocator can still hand out; None without statistics (CPU)."""
     stats = device.memory_stats()
@@ -36,16 +45,18 @@ def free_device_bytes(device: jax.Device) -> int | None:
 def size_kv_cache(cfg: EngineConfig, model_cfg: ModelConfig, params: LlamaParams) -> EngineConfig:
     """`cfg` with `cache.num_pages` resolved; unchanged when it is set already.
 
-    Per device: with tensor parallelism the weights, and the KV heads when they divide evenly,
-    are split over `tp` devices; each data-parallel group has `num_pages` pages on its own.
+    Per device: with tensor parallelism the weights and the KV heads are split over `tp`
+    devices (one KV head each when tp > KV heads); each data-parallel group has `num_pages`
+    pages on its own.
     """
     if cfg.cache.num_pages > 0:
         return cfg
     dtype = resolve_dtype(cfg.dtype)  # what the runner casts the weights to
     kv_dtype = dtype if cfg.cache.dtype == "auto" else jnp.dtype(cfg.cache.dtype)
     weights = sum(a.size for a in jax.tree.leaves(params)) * jnp.dtype(dtype).itemsize
-    kv_split = cfg.tp if model_cfg.num_kv_heads % cfg.tp == 0 else 1
-    page_bytes = kv_page_bytes(model_cfg, cfg.cache.page_size, kv_dtype) // kv_split
+    heads = kv_heads_per_device(model_cfg, cfg.tp)
+    page_bytes = kv_page_bytes(model_cfg, cfg.cache.page_size, kv_dtype) * heads
+    page_bytes //= model_cfg.num_kv_heads
     weight_bytes = weights // cfg.tp
     cache = resolve_num_pages(
         cfg,

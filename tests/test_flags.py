@@ -278,3 +278,16 @@ def test_size_kv_cache_with_the_real_page_size():
     cfg = size_kv_cache(sized(max_model_len=64), model, params={})
     assert cfg.cache.num_pages >= 4  # CPU: host memory, capped
     assert cfg.cache.num_pages * kv_page_bytes(model, 16, jnp.float32) <= HOST_KV_CACHE_MAX_BYTES
+
+
+def test_kv_heads_per_device_under_tensor_parallel():
+    """A device caches its share of the KV heads, or one replicated head when tp > KV heads
+    (Llama-3-8B's 8 KV heads on a 16-chip slice: one each, not all 8)."""
+    from jaxserve.config import ModelConfig
+    from jaxserve.memory import kv_heads_per_device
+
+    model = ModelConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=16,
+        num_kv_heads=8, head_dim=4,
+    )  # fmt: skip
+    assert [kv_heads_per_device(model, tp) for tp in (1, 2, 4, 8, 16)] == [8, 4, 2, 1, 1]
