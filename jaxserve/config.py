@@ -92,14 +92,15 @@ class SchedulerConfig:
     """Admission, batching and bucketing limits of the scheduler."""
 
     max_running_requests: int = 32  # also the number of padded decode slots B
-    max_prefill_tokens: int = 512  # per EXTEND step (nothing decoding), the largest bucket
+    # per EXTEND step (nothing decoding), the largest bucket; budgets are per dp group
+    max_prefill_tokens: int = 512
     # MIXED steps: prefill chunks ride along with one token of every decoding request, in one
     # device call, so an admission never stalls decode. The budget is shared, decode rows
     # first (as vLLM V1); prefill chunks get the rest, capped by the largest prefill bucket
     # that fits it. Smaller = lower inter-token latency while prompts arrive.
     enable_mixed_steps: bool = True
     mixed_step_tokens: int = 0  # MIXED step token budget; 0 = by backend (MIXED_STEP_TOKENS)
-    max_prefill_seqs: int = 8  # sequences packed into one prefill step
+    max_prefill_seqs: int = 8  # sequences packed into one prefill step (per dp group)
     prefill_block: int = 16  # each sequence starts a new block of this many tokens
     prefill_buckets: tuple[int, ...] = (64, 512)  # prefill step sizes compiled, in tokens
     decode_batch_buckets: tuple[int, ...] = (4, 16)  # plus max_running_requests, always

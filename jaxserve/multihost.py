@@ -113,14 +113,13 @@ def initialize(cfg: DistributedConfig) -> DistributedConfig:
 
 
 def check_mesh_spans_processes(cfg: EngineConfig) -> None:
-    """One mesh over every process's devices, its sampled rows readable on process 0."""
+    """One mesh over every process's devices (the step's sampled rows come out replicated,
+    so process 0 reads every dp group's, wherever the group's devices are)."""
     if cfg.tp * cfg.dp != jax.device_count():
         raise MultihostError(
             f"tp={cfg.tp} x dp={cfg.dp} must use all {jax.device_count()} devices of the "
             f"{jax.process_count()} processes ({jax.local_device_count()} here)"
         )
-    if cfg.dp != 1:  # a dp group's sampled tokens would live on another process
-        raise MultihostError(f"multi-host serving splits tp only; dp={cfg.dp} must be 1")
     # Adapter loads write device buffers outside runner.run: not broadcast (yet).
     if getattr(cfg, "lora_enabled", False):
         raise MultihostError("LoRA adapters are not served multi-host yet")

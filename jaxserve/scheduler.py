@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from jaxserve.config import SchedulerConfig
@@ -135,15 +136,18 @@ class Scheduler:
         cfg = self.cfg
         mixing = cfg.enable_mixed_steps and cfg.policy == "continuous"
         if not mixing or not any(r.state is RequestState.DECODING for r in self.running):
-            plan = self._schedule_prefill(cfg.max_prefill_tokens)
+            plan = self._schedule_prefill([cfg.max_prefill_tokens] * self.num_groups)
             if plan.prefill:
                 return plan
         plan = self._schedule_decode()
         if mixing and not plan.retracted:  # after a retraction memory is short: admit nothing
-            budget = min(cfg.mixed_step_tokens - len(plan.decode), self.max_mixed_prefill)
-            budget -= budget % cfg.prefill_block
-            if budget > 0:
-                plan.prefill = self._schedule_prefill(budget).prefill
+            decoding = collections.Counter(self.group_of(r.slot) for r in plan.decode)
+            budgets = []
+            for g in range(self.num_groups):
+                budget = min(cfg.mixed_step_tokens - decoding[g], self.max_mixed_prefill)
+                budgets.append(max(budget - budget % cfg.prefill_block, 0))
+            if any(budgets):
+                plan.prefill = self._schedule_prefill(budgets).prefill
         return plan
 
     @property
@@ -163,8 +167,10 @@ class Scheduler:
             total += math.ceil(max(left, 0) * self.new_token_ratio)
         return total
 
-    def _schedule_prefill(self, budget: int) -> StepPlan:
-        """Chunks of admitted prompts first, then new admissions, within `budget` tokens."""
+    def _schedule_prefill(self, budgets: list[int]) -> StepPlan:
+        """Chunks of admitted prompts first, then new admissions; each dp group fills its own
+        step budget (`budgets[g]` tokens, `max_prefill_seqs` sequences), as its own devices
+        run its part of the step."""
         cfg = self.cfg
         if cfg.policy == "static":
             if not self.running:
@@ -172,16 +178,23 @@ class Scheduler:
             if not self._batch_open:
                 return StepPlan()
         chunks: list[PrefillChunk] = []
+        budgets = list(budgets)
+        seqs = [0] * self.num_groups
+
+        def room(group: int) -> bool:
+            return budgets[group] > 0 and seqs[group] < cfg.max_prefill_seqs
+
+        def take(chunk: PrefillChunk, group: int) -> None:
+            chunks.append(chunk)
+            budgets[group] -= _round_up(chunk.length, cfg.prefill_block)
+            seqs[group] += 1
+
         # Requests already admitted whose prompt is longer than one step's budget go first.
         for req in self.running:
-            if (
-                req.state is RequestState.PREFILLING
-                and budget > 0
-                and len(chunks) < cfg.max_prefill_seqs
-            ):
-                n = min(req.num_tokens - req.num_computed, budget)
-                chunks.append(PrefillChunk(req, req.num_computed, n, is_first=False))
-                budget -= _round_up(n, cfg.prefill_block)
+            group = self.group_of(req.slot)
+            if req.state is RequestState.PREFILLING and room(group):
+                n = min(req.num_tokens - req.num_computed, budgets[group])
+                take(PrefillChunk(req, req.num_computed, n, is_first=False), group)
         if (
             cfg.schedule_order == "lpm"
             and self.prefix_cache is not None
@@ -193,13 +206,13 @@ class Scheduler:
             self.waiting = collections.deque(
                 sorted(self.waiting, key=lambda r: -self._peek(cache, r, ps))
             )
-        while self.waiting and budget > 0 and len(chunks) < cfg.max_prefill_seqs:
-            if None not in self.slots:
+        while self.waiting:
+            slot = self._free_slot(room)
+            if slot is None:
                 break
             req = self.waiting[0]
             n = req.num_tokens
             left = req.params.max_tokens - len(req.output_token_ids)
-            slot = self._free_slot()
             group = self.group_of(slot)
             cached = self._match_prefix(req, group)
             # After the match: its pages are locked now, so they no longer count as free.
@@ -211,7 +224,7 @@ class Scheduler:
             blocked = need_pages > self._free_pages(group) or (
                 bool(self._group_running(group)) and estimate > free_tokens  # (chunks too)
             )
-            length = min(n - len(cached) * self.page_size, budget)
+            length = min(n - len(cached) * self.page_size, budgets[group])
             if length < n - len(cached) * self.page_size and not cfg.chunked_prefill:
                 # Without chunking a prompt waits for a step with room for all of it; one that
                 # fits no step (a retracted request's prompt + output) is chunked anyway when
@@ -229,18 +242,23 @@ class Scheduler:
                 self.prefix_cache.hits += req.num_cached
                 self.prefix_cache.queries += n
             req.state = RequestState.PREFILLING
-            chunks.append(PrefillChunk(req, req.num_computed, length, is_first=True))
-            budget -= _round_up(length, cfg.prefill_block)
+            take(PrefillChunk(req, req.num_computed, length, is_first=True), group)
         return StepPlan(prefill=chunks)
 
     def group_of(self, slot: int) -> int:
         """The dp group that owns `slot` (and the pages of its request)."""
         return slot // self.slots_per_group
 
-    def _free_slot(self) -> int:
-        """The lowest free slot of the group with the most free slots (lowest group on ties)."""
+    def _free_slot(self, room: Callable[[int], bool]) -> int | None:
+        """The lowest free slot of the group with the most free slots (lowest group on ties)
+        among the groups with `room` in this step; None if there is none."""
         b = self.slots_per_group
-        free = [self.slots[g * b : (g + 1) * b].count(None) for g in range(self.num_groups)]
+        free = [
+            self.slots[g * b : (g + 1) * b].count(None) if room(g) else 0
+            for g in range(self.num_groups)
+        ]
+        if max(free) == 0:
+            return None
         return self.slots.index(None, free.index(max(free)) * b)
 
     def _peek(self, cache: PrefixCache, req: Request, ps: int) -> int:

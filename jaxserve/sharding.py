@@ -239,7 +239,9 @@ class MeshLayout:
         """
         rows = ROWS_SPEC
         mapped = self.over_dp(step, (P(), rows, rows, rows, rows, rows), (rows, rows, rows))
-        out_shardings = (self.kv_sharding, slot_shardings, self.rows_sharding)
+        # The sampled rows (a few numbers per row) come out whole on every device: process 0
+        # reads every dp group's tokens, also those of groups on other hosts' devices.
+        out_shardings = (self.kv_sharding, slot_shardings, self.named(P()))
         return jax.jit(mapped, donate_argnums=(1, 2), out_shardings=out_shardings)
 
     def jit_permute(self, permute: Callable, slot_shardings: Any) -> Callable:

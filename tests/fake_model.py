@@ -8,6 +8,7 @@ paging is checked, not assumed.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from jaxserve.config import ModelConfig
@@ -122,3 +123,31 @@ class FakeRunner:
             out[slot] = next_token(seq)
         self.slot_tokens[:n] = out
         return out
+
+
+class GroupedFakeRunner:
+    """What the mesh runner does, on the host: one FakeRunner per dp group, each owning only
+    its group's pages and slots and seeing only its slice of every batch (local ids). A page
+    or slot of the wrong group reads never-written K/V or another request's tokens."""
+
+    def __init__(self, dp: int, num_pages: int, page_size: int, slots: int):
+        self.dp, self.slots = dp, slots
+        self.groups = [FakeRunner(num_pages, page_size, slots) for _ in range(dp)]
+        self.num_compiles = 0
+
+    def run(self, decode, prefill) -> StepResult:
+        parts = []
+        for g, runner in enumerate(self.groups):
+            piece = jax.tree.map(lambda a, g=g: np.split(a, self.dp)[g], (decode, prefill))
+            parts.append(runner.run(*piece))
+        fields = ("tokens", "logprobs", "top_ids", "top_logprobs")
+        return StepResult(
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in fields), device_s=0.0
+        )
+
+    def permute_slots(self, perm: np.ndarray) -> None:
+        offsets = np.arange(self.dp)[:, None] * self.slots
+        local = np.asarray(perm).reshape(self.dp, self.slots) - offsets
+        assert ((local >= 0) & (local < self.slots)).all(), "a slot moved across dp groups"
+        for runner, p in zip(self.groups, local, strict=True):
+            runner.permute_slots(p)

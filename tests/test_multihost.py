@@ -199,7 +199,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextmanager
-def two_processes(model: Path, tmp_path: Path, *flags: str) -> Iterator[Job]:
+def two_processes(
+    model: Path, tmp_path: Path, *flags: str, mesh: tuple[str, ...] = ("--tp", "2")
+) -> Iterator[Job]:
     port, coord = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env |= {"JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1", "PYTHONUNBUFFERED": "1"}
@@ -207,7 +209,7 @@ def two_processes(model: Path, tmp_path: Path, *flags: str) -> Iterator[Job]:
     for pid in range(2):
         logs.append(tmp_path / f"process{pid}.log")
         args = [
-            sys.executable, "-m", "jaxserve.cli", "serve", "--model", str(model), "--tp", "2",
+            sys.executable, "-m", "jaxserve.cli", "serve", "--model", str(model), *mesh,
             *ENGINE_FLAGS, "--port", str(port), "--log-level", "warning",
             "--served-model-name", "m", "--coordinator", f"127.0.0.1:{coord}",
             "--num-processes", "2", "--process-id", str(pid), "--keepalive-s", "0.5", *flags,
@@ -266,20 +268,29 @@ def reference(model: Path) -> list[tuple[str, list[float]]]:
     return [(o.text, [lp.logprob for lp in o.logprobs or []]) for o in outs]
 
 
-def test_two_processes_serve_one_process_tokens_and_die_together(model: Path, tmp_path: Path):
-    want = reference(model)
+@pytest.fixture(scope="module")
+def want(model: Path) -> list[tuple[str, list[float]]]:
+    return reference(model)
+
+
+def assert_serves_the_reference(job: Job, want: list[tuple[str, list[float]]]) -> None:
+    """Concurrent greedy requests (prefill chunks, decode and, timing allowing, MIXED steps)
+    give one process's text and logprobs, and nothing compiles after warm-up."""
+    compiled = metric(job.url, "jaxserve_compiles_total")
+    assert compiled == metric(job.url, "jaxserve_step_functions")
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        got = list(pool.map(lambda prompt: complete(job.url, prompt), PROMPTS))
+    for (text, logprobs), choice in zip(want, got, strict=True):
+        assert choice["text"] == text
+        np.testing.assert_allclose(choice["logprobs"]["token_logprobs"], logprobs, atol=1e-4)
+    assert metric(job.url, "jaxserve_compiles_total") == compiled  # nothing after warm-up
+    for mode in ("extend", "decode"):
+        assert metric(job.url, f'jaxserve_forward_steps_total{{mode="{mode}"}}') > 0
+
+
+def test_two_processes_serve_one_process_tokens_and_die_together(model, want, tmp_path):
     with two_processes(model, tmp_path) as job:
-        compiled = metric(job.url, "jaxserve_compiles_total")
-        assert compiled == metric(job.url, "jaxserve_step_functions")
-        # concurrently: prefill chunks, decode and (timing allowing) MIXED steps
-        with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            got = list(pool.map(lambda prompt: complete(job.url, prompt), PROMPTS))
-        for (text, logprobs), choice in zip(want, got, strict=True):
-            assert choice["text"] == text
-            np.testing.assert_allclose(choice["logprobs"]["token_logprobs"], logprobs, atol=1e-4)
-        assert metric(job.url, "jaxserve_compiles_total") == compiled  # nothing after warm-up
-        for mode in ("extend", "decode"):
-            assert metric(job.url, f'jaxserve_forward_steps_total{{mode="{mode}"}}') > 0
+        assert_serves_the_reference(job, want)
 
         # The follower dies mid-request: the request fails, process 0 exits non-zero.
         body = {"model": "m", "prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0.0,
@@ -316,8 +327,14 @@ def test_a_stopped_follower_is_reported_after_step_timeout(model: Path, tmp_path
         assert job.procs[1].wait(EXIT_TIMEOUT_S) != 0, job.log(1)
 
 
-def test_sigterm_stops_every_process_with_exit_0(model: Path, tmp_path: Path):
-    with two_processes(model, tmp_path) as job:
+def test_dp_across_processes_serves_one_process_tokens_and_sigterm_stops_both(
+    model, want, tmp_path
+):
+    """dp=2 with one group on each process: each group's sampled tokens come back to process
+    0 (the step's outputs are replicated), the text is one device's; SIGTERM on process 0
+    then ends both processes with exit 0."""
+    with two_processes(model, tmp_path, mesh=("--dp", "2")) as job:
+        assert_serves_the_reference(job, want)
         job.procs[0].send_signal(signal.SIGTERM)
         assert job.procs[0].wait(EXIT_TIMEOUT_S) == 0, job.log(0)
         assert job.procs[1].wait(EXIT_TIMEOUT_S) == 0, job.log(1)

@@ -8,10 +8,17 @@ from jaxserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from jaxserve.engine import Engine
 from jaxserve.request import FinishReason, RequestState, SamplingParams
 from jaxserve.scheduler import Scheduler
-from tests.fake_model import FAKE_MODEL, FakeRunner, FakeTokenizer, expected_tokens
+from tests.fake_model import (
+    FAKE_MODEL,
+    FakeRunner,
+    FakeTokenizer,
+    GroupedFakeRunner,
+    expected_tokens,
+)
 
 
-def make_engine(num_pages=64, page_size=4, slots=4, **sched) -> Engine:
+def make_engine(num_pages=64, page_size=4, slots=4, dp=1, **sched) -> Engine:
+    """The fake model's engine; with dp > 1 one fake runner per group (`num_pages` each)."""
     sched = {
         "max_running_requests": slots,
         "max_prefill_tokens": 32,
@@ -24,8 +31,12 @@ def make_engine(num_pages=64, page_size=4, slots=4, **sched) -> Engine:
     cfg = EngineConfig(
         cache=CacheConfig(page_size=page_size, num_pages=num_pages),
         scheduler=SchedulerConfig(**sched),
+        dp=dp,
     )
-    runner = FakeRunner(num_pages, page_size, slots)
+    if dp == 1:
+        runner = FakeRunner(num_pages, page_size, slots)
+    else:
+        runner = GroupedFakeRunner(dp, num_pages, page_size, slots)
     engine = Engine(cfg, FAKE_MODEL, FakeTokenizer(), runner)
     engine.stats.trace = []
     return engine

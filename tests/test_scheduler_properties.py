@@ -1,11 +1,12 @@
 """Stateful property tests of the scheduler on the hand-computable fake model (hypothesis).
 
 Random interleavings of add / abort / step under tiny page and slot budgets, with chunked
-prefill, retraction, the prefix cache, MIXED steps and both policies. After every step each
-page is free, or held exactly by the requests whose tables list it plus the cache; no slot
-holds a finished request; at the end every request finished or was aborted exactly once and
-each finished request's tokens equal the model run alone. `JAXSERVE_HYPOTHESIS_EXAMPLES`
-raises the example count (CI runs a bounded number; `scripts/soak_scheduler.sh` longer).
+prefill, retraction, the prefix cache, MIXED steps, both policies and one or two dp groups.
+After every step each page is free, or held exactly by the requests whose tables list it
+plus the cache; no slot holds a finished request nor a page of another dp group; at the end
+every request finished or was aborted exactly once and each finished request's tokens equal
+the model run alone. `JAXSERVE_HYPOTHESIS_EXAMPLES` raises the example count (CI runs a
+bounded number; `scripts/soak_scheduler.sh` longer).
 """
 
 from __future__ import annotations
@@ -44,10 +45,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         chunked=st.booleans(),
         prefix_cache=st.booleans(),
         ratio=st.sampled_from([0.05, 0.5, 1.0]),
+        dp=st.sampled_from([1, 1, 2]),  # dp groups: a fake runner each, own pages and slots
     )
-    def setup(self, num_pages, slots, mixed, policy, chunked, prefix_cache, ratio):
+    def setup(self, num_pages, slots, mixed, policy, chunked, prefix_cache, ratio, dp):
+        event(f"dp={dp}")
         self.engine = make_engine(
             num_pages=num_pages,
+            dp=dp,
             page_size=4,
             slots=slots,
             max_model_len=32,
@@ -126,9 +130,11 @@ class SchedulerMachine(RuleBasedStateMachine):
     @invariant()
     def slots_hold_only_live_requests(self):
         s = self.engine.scheduler
+        group_pages = s.allocator.num_pages // s.num_groups
         for i, req in enumerate(s.slots):
             if req is not None:
                 assert not req.finished and req.slot == i
+                assert all(p // group_pages == s.group_of(i) for p in req.pages), "wrong group"
         assert all(r.slot is None for r in s.waiting)
 
     def teardown(self):

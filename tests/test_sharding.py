@@ -19,15 +19,14 @@ import jax
 import numpy as np
 import pytest
 
-from jaxserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from jaxserve.engine import Engine
 from jaxserve.pages import PageAllocator
 from jaxserve.prefix_cache import PrefixCache
 from jaxserve.request import SamplingParams
-from jaxserve.runner import StepResult
 from jaxserve.sharding import ShardingError, check_mesh, make_mesh, replicate_kv_heads, valid_tp
 from jaxserve.weights.random_model import SHAPES
-from tests.fake_model import FAKE_MODEL, FakeRunner, FakeTokenizer, expected_tokens
+from tests.fake_model import expected_tokens
+from tests.test_scheduler import make_engine
 from tests.tiny_model import TINY, dense_logits, tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,52 +94,8 @@ def test_prefix_cache_matches_only_pages_of_the_asking_group():
     assert (cache.num_evictable(0), cache.num_evictable(1)) == (0, 0)  # a request holds them
 
 
-class GroupedFakeRunner:
-    """What the mesh runner does, on the host: one FakeRunner per dp group, each owning only
-    its group's pages and slots and seeing only its slice of every batch (local ids). A page
-    or slot of the wrong group reads never-written K/V or another request's tokens."""
-
-    def __init__(self, dp: int, num_pages: int, page_size: int, slots: int):
-        self.dp, self.slots = dp, slots
-        self.groups = [FakeRunner(num_pages, page_size, slots) for _ in range(dp)]
-        self.num_compiles = 0
-
-    def run(self, decode, prefill) -> StepResult:
-        parts = []
-        for g, runner in enumerate(self.groups):
-            piece = jax.tree.map(lambda a, g=g: np.split(a, self.dp)[g], (decode, prefill))
-            parts.append(runner.run(*piece))
-        fields = ("tokens", "logprobs", "top_ids", "top_logprobs")
-        return StepResult(
-            *(np.concatenate([getattr(p, f) for p in parts]) for f in fields), device_s=0.0
-        )
-
-    def permute_slots(self, perm: np.ndarray) -> None:
-        offsets = np.arange(self.dp)[:, None] * self.slots
-        local = np.asarray(perm).reshape(self.dp, self.slots) - offsets
-        assert ((local >= 0) & (local < self.slots)).all(), "a slot moved across dp groups"
-        for runner, p in zip(self.groups, local, strict=True):
-            runner.permute_slots(p)
-
-
 def grouped_engine(dp: int, num_pages: int, **sched) -> Engine:
-    sched = (
-        dict(
-            max_running_requests=4,
-            max_prefill_tokens=32,
-            prefill_block=4,
-            prefill_buckets=(8, 32),
-            max_model_len=64,
-            max_prefill_seqs=4,
-        )
-        | sched
-    )
-    cfg = EngineConfig(
-        cache=CacheConfig(page_size=4, num_pages=num_pages),
-        scheduler=SchedulerConfig(**sched),
-        dp=dp,
-    )
-    return Engine(cfg, FAKE_MODEL, FakeTokenizer(), GroupedFakeRunner(dp, num_pages, 4, 4))
+    return make_engine(num_pages=num_pages, dp=dp, **sched)
 
 
 @pytest.mark.parametrize("num_pages", [64, 16], ids=["roomy", "retracting"])
@@ -170,6 +125,30 @@ def test_dp_groups_keep_their_pages_and_give_the_single_group_outputs(num_pages:
     if num_pages == 16:
         assert s.num_retractions > 0
     assert s.prefix_cache.hits > 0
+
+
+def test_each_dp_group_fills_its_own_prefill_budget():
+    """A step's prefill budget (`max_prefill_tokens`, `max_prefill_seqs`, MIXED steps'
+    `mixed_step_tokens`) is per dp group, as each group's devices run its part: with dp=2 one
+    step prefills a full budget in each group, in the same compiled shape."""
+    greedy = SamplingParams(max_tokens=4, temperature=0.0)
+    engine = grouped_engine(dp=2, num_pages=64, max_prefill_seqs=2)
+    s = engine.scheduler
+    for i in range(6):
+        engine.add_request(str(i), [i + 1] * 32, greedy)
+    plan = s.schedule()  # EXTEND: 32 tokens in each group (one group's bucket, twice)
+    assert [(s.group_of(c.request.slot), c.length) for c in plan.prefill] == [(0, 32), (1, 32)]
+    assert engine.builder.prefill(plan.prefill).tokens.shape == (2 * 32,)
+    s.update(plan, [7, 7])
+    plan = s.schedule()  # MIXED: each group's decode row and a 32-token chunk beside it
+    assert plan.mode.value == "mixed" and len(plan.decode) == 2
+    assert [(s.group_of(c.request.slot), c.length) for c in plan.prefill] == [(0, 32), (1, 32)]
+
+    engine = grouped_engine(dp=2, num_pages=64, max_prefill_seqs=2)
+    for i in range(6):
+        engine.add_request(str(i), [i + 1] * 4, greedy)
+    plan = engine.scheduler.schedule()  # max_prefill_seqs = 2 per group: 4 sequences
+    assert sorted(engine.scheduler.group_of(c.request.slot) for c in plan.prefill) == [0, 0, 1, 1]
 
 
 # ---- on a mesh of 4 simulated devices (one subprocess) -------------------------------------
