@@ -105,10 +105,14 @@ def main() -> None:
                     best[q] = res
         for q, r in best.items():
             r["concurrency"], r["quantization"] = c, q
+            # which attention ran: a Pallas kernel the device rejected falls back to "reference"
+            r["attention_impl"] = llms[q].engine.runner.impl
+            r["kernel_fallbacks"] = llms[q].engine.runner.num_kernel_fallbacks
             results.append(r)
             b = r["breakdown_s"]
             print(
-                f"concurrency {c:3d} {q:5s}: {r['output_tok_per_s']:7.1f} out tok/s, decode "
+                f"concurrency {c:3d} {q:5s} [{r['attention_impl']}]: "
+                f"{r['output_tok_per_s']:7.1f} out tok/s, decode "
                 f"{r['decode_tok_per_s']:7.1f} tok/s ({r['mean_decode_step_ms']:.1f} ms/step), "
                 f"schedule {b['schedule']:.2f}s prefill {b['prefill_device']:.2f}s "
                 f"decode {b['decode_device']:.2f}s post {b['postprocess']:.2f}s"

@@ -7,8 +7,10 @@
 #   scripts/device_check.sh [--dry-run] [--out DIR] [--model SPEC] [--tp N] [--dp N]
 #
 # --dry-run: the same steps on CPU with a tiny random model, interpret-mode kernels and small
-# sizes (a few minutes; tests/test_bench_scripts.py-style smoke of this script itself).
-# Every step's output goes to DIR/<step>.log (+ .json); DIR/summary.txt lists rc and seconds.
+# sizes (~30 s; tests/test_bench_scripts.py runs it in CI).
+# Every step's output goes to DIR/<step>.log (+ .json); DIR/summary.txt lists rc and seconds;
+# server_metrics fails if a Pallas kernel fell back to the jnp reference (figures not the
+# kernels' then).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -122,6 +124,22 @@ while True:
 EOF
 step bench_serving 120 python scripts/bench_serving.py --base-url "http://127.0.0.1:$PORT/v1" \
   "${SERVING[@]}" --ignore-eos --no-progress --out "$OUT/bench_serving.json"
+# The server's counters, and whether every step ran the Pallas kernels: a kernel the device's
+# compiler rejected falls back to the jnp reference (one warning in serve.log), and then the
+# figures above are the reference's, not the kernels'.
+step server_metrics 30 python - "$PORT" "$OUT/metrics.txt" <<'EOF'
+import sys, urllib.request
+port, path = sys.argv[1], sys.argv[2]
+text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+open(path, "w").write(text)
+values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+          if line.startswith("jaxserve_") and " " in line}
+for name in ("jaxserve_kernel_fallbacks_total", "jaxserve_compiles_total",
+             "jaxserve_step_functions"):
+    print(name, values.get(name))
+if values.get("jaxserve_kernel_fallbacks_total", 0) > 0:
+    sys.exit("Pallas kernels fell back to the jnp reference: see serve.log")
+EOF
 kill -INT "$SERVER" 2>/dev/null
 for _ in $(seq 30); do kill -0 "$SERVER" 2>/dev/null || break; sleep 1; done
 kill -KILL "$SERVER" 2>/dev/null

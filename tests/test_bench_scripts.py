@@ -217,3 +217,33 @@ def test_bench_batching_paired(engine, tmp_path):
         assert_engine_idle(e)
     bench_batching.write_outputs([res], tmp_path, prefix="paired")
     assert (tmp_path / "paired_timeline_mixed.png").exists()
+
+
+# ---- scripts/device_check.sh ------------------------------------------------------------
+def test_device_check_dry_run_passes_on_cpu(tmp_path):
+    """The accelerator check's own smoke run (`--dry-run`: tiny random model, interpret-mode
+    kernels, small sizes; ~25 s): every step succeeds, the JSON reports parse, and the
+    server's metrics say no kernel fell back."""
+    import os
+    import subprocess
+
+    out = tmp_path / "check"
+    env = {**os.environ, "PORT": str(_free_port())}
+    proc = subprocess.run(
+        ["bash", str(SCRIPTS / "device_check.sh"), "--dry-run", "--out", str(out)],
+        cwd=SCRIPTS.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    summary = (out / "summary.txt").read_text()
+    assert proc.returncode == 0, summary + proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = [line.split()[1].rstrip(":") for line in summary.splitlines() if line.startswith("==")]
+    for name in ("kernel_tests", "bench_kernels", "bench_offline", "bench_serving"):
+        assert name in steps, steps
+    assert summary.count("rc=0") == len(steps) - 1  # every step; the last line is the result
+    offline = json.loads((out / "bench_offline.json").read_text())["results"]
+    assert offline and all(r["kernel_fallbacks"] == 0 for r in offline)
+    assert json.loads((out / "bench_serving.json").read_text())
+    assert "jaxserve_kernel_fallbacks_total 0.0" in (out / "metrics.txt").read_text()
