@@ -116,6 +116,10 @@ class SchedulerConfig:
     # Out of pages while decoding: retract until the rest can decode this many more steps.
     retract_decode_steps: int = 20
     max_waiting: int = 1024  # waiting queue bound; beyond it, 429
+    # dp > 1: a request goes to the group caching the longest prefix of it (the next turn of a
+    # chat to its history), unless that group has more than this many fewer free slots than
+    # the freest group; then to the freest.
+    dp_balance_slots: int = 8
 
 
 # Default MIXED step budget by backend. On CPU a step costs about its row count (the matmuls

@@ -207,10 +207,10 @@ class Scheduler:
                 sorted(self.waiting, key=lambda r: -self._peek(cache, r, ps))
             )
         while self.waiting:
-            slot = self._free_slot(room)
+            req = self.waiting[0]
+            slot = self._free_slot(room, req)
             if slot is None:
                 break
-            req = self.waiting[0]
             n = req.num_tokens
             left = req.params.max_tokens - len(req.output_token_ids)
             group = self.group_of(slot)
@@ -249,9 +249,13 @@ class Scheduler:
         """The dp group that owns `slot` (and the pages of its request)."""
         return slot // self.slots_per_group
 
-    def _free_slot(self, room: Callable[[int], bool]) -> int | None:
-        """The lowest free slot of the group with the most free slots (lowest group on ties)
-        among the groups with `room` in this step; None if there is none."""
+    def _free_slot(self, room: Callable[[int], bool], req: Request) -> int | None:
+        """A free slot for `req` among the groups with `room` in this step (None: none).
+
+        The lowest free slot of the group with the most free slots (lowest group on ties);
+        with dp groups, of the group caching the longest prefix of `req` instead while it has
+        at most `dp_balance_slots` fewer free slots (cache-aware routing, as SGLang's router).
+        """
         b = self.slots_per_group
         free = [
             self.slots[g * b : (g + 1) * b].count(None) if room(g) else 0
@@ -259,23 +263,40 @@ class Scheduler:
         ]
         if max(free) == 0:
             return None
-        return self.slots.index(None, free.index(max(free)) * b)
+        group = free.index(max(free))
+        if self.num_groups > 1 and self._uses_cache(req):
+            assert self.prefix_cache is not None
+            tokens, pages = req.all_token_ids, (req.num_tokens - 1) // self.page_size
+            cached = [
+                self.prefix_cache.peek(tokens, pages, g, req.cache_salt) if free[g] else -1
+                for g in range(self.num_groups)
+            ]
+            best = cached.index(max(cached))
+            if (
+                cached[best] > cached[group]
+                and free[group] - free[best] <= self.cfg.dp_balance_slots
+            ):
+                group = best
+        return self.slots.index(None, group * b)
 
     def _peek(self, cache: PrefixCache, req: Request, ps: int) -> int:
         tokens, salt = req.all_token_ids, req.cache_salt
         return max(cache.peek(tokens, len(tokens) // ps, g, salt) for g in range(self.num_groups))
 
-    def _match_prefix(self, req: Request, group: int = 0) -> list[int]:
-        """Cached pages for req's prefix, retained for it (at least one token is left to run).
-
-        Requests with penalties skip the cache: their token history on device is rebuilt from
-        the tokens they prefill, so every token has to go through prefill.
-        """
+    def _uses_cache(self, req: Request) -> bool:
+        """Requests with penalties skip the cache: their token history on device is rebuilt
+        from the tokens they prefill, so every token has to go through prefill."""
         p = req.params
-        if self.prefix_cache is None or (
+        penalised = (
             p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-        ):
+        )
+        return self.prefix_cache is not None and not penalised
+
+    def _match_prefix(self, req: Request, group: int = 0) -> list[int]:
+        """Cached pages for req's prefix, retained for it (at least one token is left to run)."""
+        if not self._uses_cache(req):
             return []
+        assert self.prefix_cache is not None
         max_pages = (req.num_tokens - 1) // self.page_size
         pages = self.prefix_cache.match(req.all_token_ids, max_pages, group, req.cache_salt)
         self.allocator.retain(pages)

@@ -151,6 +151,45 @@ def test_each_dp_group_fills_its_own_prefill_budget():
     assert sorted(engine.scheduler.group_of(c.request.slot) for c in plan.prefill) == [0, 0, 1, 1]
 
 
+@pytest.mark.parametrize(("balance", "want_group"), [(8, 1), (0, 0)])
+def test_a_next_turn_goes_to_the_group_caching_its_history(balance: int, want_group: int):
+    """dp=2: a chat's next turn is admitted to the group whose prefix cache holds its history
+    (group 1 here), while that group has at most `dp_balance_slots` fewer free slots than the
+    freest (group 0, one more free slot); with 0 the freest group takes it and recomputes."""
+    engine = make_engine(dp=2, num_pages=64, dp_balance_slots=balance)
+    s = engine.scheduler
+    prompts = {"c": [5] * 6, "a": list(range(1, 13)), "d": [7] * 5}
+    limits = {"c": 3, "a": 1, "d": 20}
+    out: dict[str, list[int]] = {}
+
+    def add(rid: str) -> None:
+        engine.add_request(rid, prompts[rid], SamplingParams(max_tokens=limits[rid]))
+
+    def step() -> None:
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+
+    add("c")  # group 0
+    add("a")  # group 1; done after its prefill, its 12 prompt tokens cached in group 1
+    step()
+    assert out["a"] and "a" not in engine.requests
+    add("d")  # group 1 (the freest)
+    while "c" in engine.requests:
+        step()
+    free = [s.slots[g * 4 : (g + 1) * 4].count(None) for g in (0, 1)]
+    assert free == [4, 3]
+    prompts["b"], limits["b"] = prompts["a"] + out["a"] + [40, 41, 42], 2  # the next turn
+    add("b")
+    step()
+    b = engine.requests["b"]
+    assert s.group_of(b.slot) == want_group
+    assert b.num_cached == (12 if want_group == 1 else 0)
+    while engine.has_work():
+        step()
+    for rid, prompt in prompts.items():
+        assert out[rid] == expected_tokens(prompt, limits[rid]), rid
+
+
 # ---- on a mesh of 4 simulated devices (one subprocess) -------------------------------------
 def run_worker(module: str, out: Path, devices: int, timeout_s: int) -> Any:
     """`python -m module out` with `devices` simulated CPU devices; its JSON report."""
