@@ -208,39 +208,26 @@ class Scheduler:
             )
         while self.waiting:
             req = self.waiting[0]
-            slot = self._free_slot(room, req)
-            if slot is None:
-                break
-            n = req.num_tokens
-            left = req.params.max_tokens - len(req.output_token_ids)
-            group = self.group_of(slot)
-            cached = self._match_prefix(req, group)
-            # After the match: its pages are locked now, so they no longer count as free.
-            # Requests admitted above hold their pages and reserve their future tokens.
-            free_tokens = self._free_pages(group) * self.page_size - self._reserved_tokens(group)
-            need_pages = pages_for(n, self.page_size) - len(cached)
-            # The reserve only applies while others run: a lone request always gets in.
-            estimate = n - len(cached) * self.page_size + math.ceil(left * self.new_token_ratio)
-            blocked = need_pages > self._free_pages(group) or (
-                bool(self._group_running(group)) and estimate > free_tokens  # (chunks too)
-            )
-            length = min(n - len(cached) * self.page_size, budgets[group])
-            if length < n - len(cached) * self.page_size and not cfg.chunked_prefill:
-                # Without chunking a prompt waits for a step with room for all of it; one that
-                # fits no step (a retracted request's prompt + output) is chunked anyway when
-                # it would run alone, rather than never.
-                blocked |= bool(chunks or self.running)
-            if blocked:
+            # The preferred group first; with dp, the next ones when its pages are short.
+            for group in self._admission_groups(room, req):
+                cached = self._match_prefix(req, group)
+                length = self._admissible(req, group, cached, budgets[group], bool(chunks))
+                if length is not None:
+                    break
                 self.allocator.free(cached)
+            else:
                 break
             self.waiting.popleft()
+            slot = self.slots.index(None, group * self.slots_per_group)
             req.slot = slot
             self.slots[slot] = req
-            req.pages = cached + self._alloc(need_pages, group)
+            req.pages = cached + self._alloc(
+                pages_for(req.num_tokens, self.page_size) - len(cached), group
+            )
             req.num_computed = req.num_cached = len(cached) * self.page_size
             if self.prefix_cache is not None:  # counted when admitted, not per refused try
                 self.prefix_cache.hits += req.num_cached
-                self.prefix_cache.queries += n
+                self.prefix_cache.queries += req.num_tokens
             req.state = RequestState.PREFILLING
             take(PrefillChunk(req, req.num_computed, length, is_first=True), group)
         return StepPlan(prefill=chunks)
@@ -249,35 +236,54 @@ class Scheduler:
         """The dp group that owns `slot` (and the pages of its request)."""
         return slot // self.slots_per_group
 
-    def _free_slot(self, room: Callable[[int], bool], req: Request) -> int | None:
-        """A free slot for `req` among the groups with `room` in this step (None: none).
+    def _admissible(
+        self, req: Request, group: int, cached: list[int], budget: int, has_chunks: bool
+    ) -> int | None:
+        """The first chunk's length if `req` can start in `group` now (its `cached` pages
+        locked already), None if the group's pages or the step cannot take it."""
+        n, ps = req.num_tokens, self.page_size
+        left = req.params.max_tokens - len(req.output_token_ids)
+        # After the match: its pages are locked now, so they no longer count as free.
+        # Requests admitted above hold their pages and reserve their future tokens.
+        free_tokens = self._free_pages(group) * ps - self._reserved_tokens(group)
+        need_pages = pages_for(n, ps) - len(cached)
+        # The reserve only applies while others run: a lone request always gets in.
+        estimate = n - len(cached) * ps + math.ceil(left * self.new_token_ratio)
+        blocked = need_pages > self._free_pages(group) or (
+            bool(self._group_running(group)) and estimate > free_tokens  # (chunks too)
+        )
+        length = min(n - len(cached) * ps, budget)
+        if length < n - len(cached) * ps and not self.cfg.chunked_prefill:
+            # Without chunking a prompt waits for a step with room for all of it; one that
+            # fits no step (a retracted request's prompt + output) is chunked anyway when it
+            # would run alone, rather than never.
+            blocked |= has_chunks or bool(self.running)
+        return None if blocked else length
 
-        The lowest free slot of the group with the most free slots (lowest group on ties);
-        with dp groups, of the group caching the longest prefix of `req` instead while it has
-        at most `dp_balance_slots` fewer free slots (cache-aware routing, as SGLang's router).
+    def _admission_groups(self, room: Callable[[int], bool], req: Request) -> list[int]:
+        """The groups that could take `req` (a free slot and `room` in this step), best first.
+
+        First the group with the most free slots (lowest on ties); with dp groups, the group
+        caching the longest prefix of `req` instead while it has at most `dp_balance_slots`
+        fewer free slots (cache-aware routing, as SGLang's router); then the others, freest
+        first, for when the first one's pages cannot hold the request.
         """
         b = self.slots_per_group
         free = [
             self.slots[g * b : (g + 1) * b].count(None) if room(g) else 0
             for g in range(self.num_groups)
         ]
-        if max(free) == 0:
-            return None
-        group = free.index(max(free))
-        if self.num_groups > 1 and self._uses_cache(req):
+        groups = sorted((g for g in range(self.num_groups) if free[g]), key=lambda g: -free[g])
+        if len(groups) > 1 and self._uses_cache(req):
             assert self.prefix_cache is not None
             tokens, pages = req.all_token_ids, (req.num_tokens - 1) // self.page_size
-            cached = [
-                self.prefix_cache.peek(tokens, pages, g, req.cache_salt) if free[g] else -1
-                for g in range(self.num_groups)
-            ]
-            best = cached.index(max(cached))
-            if (
-                cached[best] > cached[group]
-                and free[group] - free[best] <= self.cfg.dp_balance_slots
-            ):
-                group = best
-        return self.slots.index(None, group * b)
+            cached = {g: self.prefix_cache.peek(tokens, pages, g, req.cache_salt) for g in groups}
+            best = max(groups, key=lambda g: cached[g])  # the freest of the longest
+            if cached[best] > cached[groups[0]]:
+                if free[groups[0]] - free[best] <= self.cfg.dp_balance_slots:
+                    groups.remove(best)
+                    groups.insert(0, best)
+        return groups
 
     def _peek(self, cache: PrefixCache, req: Request, ps: int) -> int:
         tokens, salt = req.all_token_ids, req.cache_salt

@@ -190,6 +190,34 @@ def test_a_next_turn_goes_to_the_group_caching_its_history(balance: int, want_gr
         assert out[rid] == expected_tokens(prompt, limits[rid]), rid
 
 
+def test_a_request_the_preferred_group_has_no_pages_for_goes_to_another():
+    """dp=2: group 0 (the preferred one: a tie on free slots) is short of pages for a
+    30-token prompt, group 1 has them: the prompt starts in group 1 now instead of waiting
+    for group 0's pages (head-of-line blocking across groups)."""
+    engine = make_engine(dp=2, num_pages=16)  # 16 pages of 4 tokens per group
+    s = engine.scheduler
+    prompts = {"long": list(range(1, 41)), "x": [3, 1, 4, 1], "y": [9] * 30}
+    limits = {"long": 12, "x": 12, "y": 2}
+    out: dict[str, list[int]] = {}
+
+    def step() -> None:
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+
+    for rid in ("long", "x"):  # group 0 (10 of its 16 pages), group 1 (1 page)
+        engine.add_request(rid, prompts[rid], SamplingParams(max_tokens=limits[rid]))
+    step()
+    assert [s.group_of(engine.requests[r].slot) for r in ("long", "x")] == [0, 1]
+    engine.add_request("y", prompts["y"], SamplingParams(max_tokens=limits["y"]))
+    step()
+    y = engine.requests["y"]
+    assert y.slot is not None and s.group_of(y.slot) == 1
+    while engine.has_work():
+        step()
+    for rid, prompt in prompts.items():
+        assert out[rid] == expected_tokens(prompt, limits[rid]), rid
+
+
 # ---- on a mesh of 4 simulated devices (one subprocess) -------------------------------------
 def run_worker(module: str, out: Path, devices: int, timeout_s: int) -> Any:
     """`python -m module out` with `devices` simulated CPU devices; its JSON report."""
