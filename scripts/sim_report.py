@@ -6,6 +6,10 @@ Example: python scripts/sim_report.py --out out/sim_report.json --img-dir docs/i
 Setups: this CPU (measured cost model) and Llama-3-8B on one H100 and on a TPU v5e-8 (tp=8),
 roofline costs. Variants: static, continuous without MIXED steps, continuous with them. The
 scheduler config is the default (configs/smollm2-135m.toml) unless --config says otherwise.
+
+--dp-study: the TPU v5e-8 split into data-parallel groups instead (tp=8, tp=4 x dp=2,
+tp=2 x dp=4, tp=1 x dp=8), each group with the config's slots and its own KV pages: the seed
+scenarios and the capacity at --ttft-p99 with --slots slots per group (JSON only, no plots).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +42,39 @@ VARIANTS = {  # name -> scheduler overrides
 CPU = "CPU (SmolLM2-135M, measured)"
 
 
-def setups(measured: str) -> dict[str, CostModel]:
+@dataclass(frozen=True)
+class Setup:
+    """A cost model for one group's part of a step, and the number of groups."""
+
+    cost: CostModel
+    dp: int = 1
+
+
+def setups(measured: str) -> dict[str, Setup]:
     llama = load_model_shape("llama3-8b")
     return {
-        CPU: load_linear(measured),
-        "H100 (Llama-3-8B)": RooflineCost(load_chip("h100"), llama),
-        "TPU v5e-8 (Llama-3-8B, tp=8)": RooflineCost(load_chip("tpu-v5e"), llama, tp=8),
+        CPU: Setup(load_linear(measured)),
+        "H100 (Llama-3-8B)": Setup(RooflineCost(load_chip("h100"), llama)),
+        "TPU v5e-8 (Llama-3-8B, tp=8)": Setup(RooflineCost(load_chip("tpu-v5e"), llama, tp=8)),
     }
+
+
+def dp_setups(page_size: int) -> tuple[dict[str, Setup], dict[str, str]]:
+    """The v5e-8's 8 chips as tp x dp, and the splits whose groups cannot hold the weights
+    (label -> why)."""
+    llama, chip = load_model_shape("llama3-8b"), load_chip("tpu-v5e")
+    fit, unfit = {}, {}
+    for tp in (8, 4, 2, 1):
+        cost = RooflineCost(chip, llama, tp=tp, dp=8 // tp)
+        label = f"TPU v5e-8 (Llama-3-8B, tp={tp} x dp={8 // tp})"
+        try:
+            cost.kv_pages(page_size)
+        except ValueError as exc:
+            unfit[label] = str(exc)
+            print(f"{label}: left out, {exc}")
+            continue
+        fit[label] = Setup(cost, 8 // tp)
+    return fit, unfit
 
 
 def target_for(setup: str, ttft: float, cpu_ttft: float) -> float:
@@ -74,28 +105,31 @@ EXAMPLE_STEPS = [
 ]  # fmt: skip
 
 
-def step_costs(costs: dict[str, CostModel]) -> dict[str, dict[str, float]]:
-    """Milliseconds of a few typical steps under each cost model."""
+def step_costs(setups_: dict[str, Setup]) -> dict[str, dict[str, float]]:
+    """Milliseconds of a few typical steps under each cost model (one group's part)."""
     table = {
-        setup: {label: 1e3 * cost.step_seconds(shape) for label, shape in EXAMPLE_STEPS}
-        for setup, cost in costs.items()
+        name: {label: 1e3 * s.cost.step_seconds(shape) for label, shape in EXAMPLE_STEPS}
+        for name, s in setups_.items()
     }
     for setup, row in table.items():
         print(f"{setup:30s} " + "  ".join(f"{k}: {v:7.1f} ms" for k, v in row.items()))
     return table
 
 
-def scenario_table(base: EngineConfig, costs: dict[str, CostModel]) -> list[dict[str, Any]]:
+def scenario_table(base: EngineConfig, setups_: dict[str, Setup]) -> list[dict[str, Any]]:
     rows = []
-    for setup, cost in costs.items():
+    for setup, one in setups_.items():
+        cost, dp = one.cost, one.dp
         cfg = config_for(base, cost, None)
         for name in SEED_SCENARIOS:
             trace = scenario_trace(name)
             runs = {
-                v: summarize(simulate(trace, cost, replace(cfg, scheduler=o).scheduler, cfg.cache))
+                v: summarize(
+                    simulate(trace, cost, replace(cfg, scheduler=o).scheduler, cfg.cache, dp=dp)
+                )
                 for v, o in VARIANTS.items()
             }
-            rows.append({"setup": setup, "scenario": name, "runs": runs})
+            rows.append({"setup": setup, "dp": dp, "scenario": name, "runs": runs})
             s = runs["static"]["output_tok_per_s"]
             print(
                 f"{setup:30s} {name:17s} "
@@ -109,22 +143,24 @@ def scenario_table(base: EngineConfig, costs: dict[str, CostModel]) -> list[dict
 
 def capacity_table(
     base: EngineConfig,
-    costs: dict[str, CostModel],
+    setups_: dict[str, Setup],
     ttft: float,
     cpu_ttft: float,
     slot_counts: list[int],
 ) -> list[dict[str, Any]]:
+    """Max rate at the TTFT target per setup, slot count (per group) and variant."""
     rows = []
-    for setup, cost in costs.items():
+    for setup, one in setups_.items():
+        cost, dp = one.cost, one.dp
         target = target_for(setup, ttft, cpu_ttft)
         for slots in slot_counts[:1] if setup == CPU else slot_counts:
             cfg = config_for(base, cost, slots)
             for v, o in VARIANTS.items():
                 sched = replace(cfg, scheduler=o).scheduler
                 t0 = time.perf_counter()
-                r = max_rate_at_ttft(cost, sched, cfg.cache, target)
-                rows.append({"setup": setup, "slots": slots, "variant": v, "target_s": target,
-                             **dataclasses.asdict(r)})  # fmt: skip
+                r = max_rate_at_ttft(cost, sched, cfg.cache, target, dp=dp)
+                rows.append({"setup": setup, "dp": dp, "slots": slots, "variant": v,
+                             "target_s": target, **dataclasses.asdict(r)})  # fmt: skip
                 print(
                     f"{setup:30s} {slots:4d} slots {v:17s} {r.rate:8.2f} req/s  "
                     f"{r.concurrent_users:7.1f} users  {r.output_tok_per_s:9.1f} tok/s  "
@@ -136,7 +172,7 @@ def capacity_table(
 
 def ttft_curves(
     base: EngineConfig,
-    costs: dict[str, CostModel],
+    setups_: dict[str, Setup],
     slots: int,
     ttft: float,
     cpu_ttft: float,
@@ -144,10 +180,11 @@ def ttft_curves(
 ) -> dict[str, Any]:
     """TTFT p99 against arrival rate, for the plot: up to 1.3x the continuous capacity."""
     curves: dict[str, Any] = {}
-    for setup, cost in costs.items():
+    for setup, one in setups_.items():
+        cost, dp = one.cost, one.dp
         cfg = config_for(base, cost, slots)
         target = target_for(setup, ttft, cpu_ttft)
-        cap = max_rate_at_ttft(cost, cfg.scheduler, cfg.cache, target).rate
+        cap = max_rate_at_ttft(cost, cfg.scheduler, cfg.cache, target, dp=dp).rate
 
         def trace(rate: float):
             return poisson_trace(2000, rate, input_len=64, output_len=32, dataset="mixed")
@@ -157,9 +194,9 @@ def ttft_curves(
             v: [
                 (
                     rate,
-                    run_at_rate(rate, cost, replace(cfg, scheduler=o).scheduler, cfg.cache, trace)[
-                        "ttft_s"
-                    ]["p99"],
+                    run_at_rate(
+                        rate, cost, replace(cfg, scheduler=o).scheduler, cfg.cache, trace, dp
+                    )["ttft_s"]["p99"],
                 )
                 for rate in rates
             ]
@@ -224,6 +261,25 @@ def plot(report: dict[str, Any], img_dir: Path) -> list[Path]:
     return paths
 
 
+def dp_study(base: EngineConfig, ttft: float, slots: list[int], out: str | None) -> None:
+    """The v5e-8 split into dp groups: step prices, seed scenarios, capacity."""
+    fit, unfit = dp_setups(base.cache.page_size)
+    report = {
+        "scheduler": dataclasses.asdict(base.scheduler),
+        "kv_pages_per_group": {
+            k: config_for(base, s.cost, None).cache.num_pages for k, s in fit.items()
+        },
+        "left_out": unfit,
+        "step_ms": step_costs(fit),
+        "scenarios": scenario_table(base, fit),
+        "capacity": capacity_table(base, fit, ttft, ttft, slots),
+        "target_s": ttft,
+    }
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", default=None, help="engine TOML (default: the default model's)")
@@ -234,22 +290,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--img-dir", default=None)
     ap.add_argument("--replot", default=None, help="redraw from a JSON of --out")
+    ap.add_argument("--dp-study", action="store_true", help="the v5e-8 as tp x dp groups")
     args = ap.parse_args(argv)
+    if args.dp_study:
+        dp_study(load_config(args.config), args.ttft_p99, args.slots[:1], args.out)
+        return
     if args.replot:
         report = json.loads(Path(args.replot).read_text())
     else:
         base = load_config(args.config)
-        costs = setups(args.measured)
+        chosen = setups(args.measured)
         report = {
             "scheduler": dataclasses.asdict(base.scheduler),
-            "step_ms": step_costs(costs),
-            "scenarios": scenario_table(base, costs),
-            "capacity": capacity_table(base, costs, args.ttft_p99, args.cpu_ttft_p99, args.slots),
+            "step_ms": step_costs(chosen),
+            "scenarios": scenario_table(base, chosen),
+            "capacity": capacity_table(base, chosen, args.ttft_p99, args.cpu_ttft_p99, args.slots),
             "curve_slots": args.slots[0],
             "target_s": args.ttft_p99,
             "cpu_target_s": args.cpu_ttft_p99,
             "ttft_curves": ttft_curves(
-                base, costs, args.slots[0], args.ttft_p99, args.cpu_ttft_p99
+                base, chosen, args.slots[0], args.ttft_p99, args.cpu_ttft_p99
             ),
         }
         if args.out:

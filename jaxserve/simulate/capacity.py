@@ -34,8 +34,9 @@ def run_at_rate(
     scheduler: SchedulerConfig,
     cache: CacheConfig,
     make_trace: Callable[[float], list[TraceRequest]],
+    dp: int = 1,
 ) -> dict[str, Any]:
-    return summarize(simulate(make_trace(rate), cost, scheduler, cache))
+    return summarize(simulate(make_trace(rate), cost, scheduler, cache, dp=dp))
 
 
 def max_rate_at_ttft(
@@ -47,11 +48,13 @@ def max_rate_at_ttft(
     lo: float = 0.05,
     hi: float = 1.0,
     rel_tol: float = 0.05,
+    dp: int = 1,
 ) -> CapacityResult:
     """Bisect the rate in [lo, hi] (hi doubled until it fails) to `rel_tol`.
 
     The default trace: 2,000 requests of the seed's "mixed" lengths (prompts ~64, Pareto
-    outputs mean ~32), which is long enough for the queue to settle at a given rate.
+    outputs mean ~32), which is long enough for the queue to settle at a given rate. With
+    `dp` groups, each has `scheduler`'s slots and `cache`'s pages.
     """
     if make_trace is None:
 
@@ -63,7 +66,7 @@ def max_rate_at_ttft(
     def ok(rate: float) -> tuple[bool, dict[str, Any]]:
         nonlocal runs
         runs += 1
-        r = run_at_rate(rate, cost, scheduler, cache, make_trace)
+        r = run_at_rate(rate, cost, scheduler, cache, make_trace, dp)
         return r["ttft_s"]["p99"] <= ttft_p99_s and r["rejected"] == 0, r
 
     good, best = ok(lo)

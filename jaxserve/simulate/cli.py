@@ -7,6 +7,7 @@ arrival rate a TTFT p99 target allows.
   jaxserve simulate --poisson 10000 --rate 3 --policy continuous --no-mixed --out out/sim.json
   jaxserve simulate --jsonl prompts.jsonl --rate 2 --config configs/smollm2-135m.toml
   jaxserve simulate capacity --hardware tpu-v5e --tp 8 --model llama3-8b --ttft-p99 1
+  jaxserve simulate --hardware tpu-v5e --tp 4 --dp 2 --model llama3-8b   # 2 groups of 4 chips
   jaxserve simulate fit --records out/step_records.jsonl --out configs/hardware/cpu-measured.toml
 """
 
@@ -42,10 +43,33 @@ DEFAULT_COST = str(HARDWARE_DIR / "cpu-measured.toml")
 
 
 def build_cost(args: argparse.Namespace) -> CostModel:
-    """`--hardware CHIP --model SHAPE [--tp N]` (roofline), else the `--cost` fit."""
+    """`--hardware CHIP --model SHAPE [--tp N] [--dp M]` (roofline), else the `--cost` fit."""
     if args.hardware:
-        return RooflineCost(load_chip(args.hardware), load_model_shape(args.model), args.tp)
+        chip, model = load_chip(args.hardware), load_model_shape(args.model)
+        return RooflineCost(chip, model, args.tp, args.dp)
     return load_linear(args.cost)
+
+
+def build_setup(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> tuple[CostModel, EngineConfig]:
+    """The cost model and config; a setup that cannot exist (more chips than the spec has,
+    weights that do not fit) is a usage error with the numbers."""
+    if args.dp < 1:
+        parser.error(f"--dp {args.dp}: at least 1 group")
+    try:
+        cost = build_cost(args)
+        cfg = build_config(args, cost)
+    except ValueError as exc:
+        parser.error(str(exc))
+    slots = args.dp * cfg.scheduler.max_running_requests
+    where = (
+        f"{cost.chip.name} x {cost.total_chips} (tp={cost.group_chips} x dp={cost.dp})"
+        if isinstance(cost, RooflineCost)
+        else f"{getattr(cost, 'name', type(cost).__name__)}, dp={args.dp}"
+    )
+    print(f"{where}: {slots} slots, {cfg.cache.num_pages} KV pages per group", file=sys.stderr)
+    return cost, cfg
 
 
 def build_config(args: argparse.Namespace, cost: CostModel) -> EngineConfig:
@@ -89,9 +113,7 @@ def build_traces(args: argparse.Namespace) -> dict[str, list[TraceRequest]]:
     return {n: scenario_trace(n, args.scale) for n in names}
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    cost = build_cost(args)
-    cfg = build_config(args, cost)
+def cmd_run(args: argparse.Namespace, cost: CostModel, cfg: EngineConfig) -> int:
     results: dict[str, Any] = {}
     t0 = time.perf_counter()
     for name, trace in build_traces(args).items():
@@ -99,7 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for policy in args.policy:
             sched = dataclasses.replace(cfg.scheduler, policy=policy)
             t = time.perf_counter()
-            runs[policy] = summarize(simulate(trace, cost, sched, cfg.cache))
+            runs[policy] = summarize(simulate(trace, cost, sched, cfg.cache, dp=args.dp))
             runs[policy]["sim_seconds"] = time.perf_counter() - t
             print(report_line(f"{name} {policy}", runs[policy]), flush=True)
         results[name] = {"runs": runs}
@@ -114,6 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         report = {
             "args": vars(args),
             "cost": describe(cost),
+            "dp": args.dp,  # groups, each with the scheduler's slots and the cache's pages
             "scheduler": dataclasses.asdict(cfg.scheduler),
             "cache": dataclasses.asdict(cfg.cache),
             "results": results,
@@ -126,16 +149,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def describe(cost: CostModel) -> dict[str, Any]:
     if isinstance(cost, RooflineCost):
-        return {"roofline": dataclasses.asdict(cost.chip), "model": cost.model.name, "tp": cost.tp}
+        return {
+            "roofline": dataclasses.asdict(cost.chip),
+            "model": cost.model.name,
+            "tp": cost.tp,
+            "dp": cost.dp,
+            "chips": cost.total_chips,
+        }
     return {"model": type(cost).__name__, **dataclasses.asdict(cost)}  # type: ignore[arg-type]
 
 
-def cmd_capacity(args: argparse.Namespace) -> int:
-    cost = build_cost(args)
-    cfg = build_config(args, cost)
+def cmd_capacity(args: argparse.Namespace, cost: CostModel, cfg: EngineConfig) -> int:
     for policy in args.policy:
         sched = dataclasses.replace(cfg.scheduler, policy=policy)
-        r = max_rate_at_ttft(cost, sched, cfg.cache, args.ttft_p99)
+        r = max_rate_at_ttft(cost, sched, cfg.cache, args.ttft_p99, dp=args.dp)
         print(
             f"{policy:10s} {r.rate:7.2f} req/s at TTFT p99 {r.ttft_p99_s:.2f}s: "
             f"{r.concurrent_users:6.1f} concurrent users, {r.output_tok_per_s:8.1f} out tok/s, "
@@ -169,7 +196,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cost", default=DEFAULT_COST, help="fitted cost TOML ([linear])")
     p.add_argument("--hardware", help="chip spec (configs/hardware/NAME.toml): roofline costs")
     p.add_argument("--model", default="llama3-8b", help="model shape for --hardware")
-    p.add_argument("--tp", type=int, default=0, help="chips (tensor parallel); 0 = the spec's")
+    p.add_argument(
+        "--tp", type=int, default=0, help="chips per dp group (tensor parallel); 0 = the spec's"
+    )
+    p.add_argument(
+        "--dp",
+        type=int,
+        default=1,
+        help="data-parallel groups, each with --slots slots, the KV pages and --tp chips of one",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,10 +239,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--ttft-p99", type=float, default=1.0, help="seconds")
         args = p.parse_args(argv[1:])
         args.policy = args.policy or ["continuous"]
-        return cmd_capacity(args)
-    args = build_parser().parse_args(argv)
+        return cmd_capacity(args, *build_setup(args, p))
+    ap = build_parser()
+    args = ap.parse_args(argv)
     args.policy = args.policy or ["static", "continuous"]
-    return cmd_run(args)
+    return cmd_run(args, *build_setup(args, ap))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ class ChipSpec:
     memory_bandwidth: float  # bytes/s (HBM)
     memory_bytes: float  # capacity; sizes the KV cache when the run does not say
     interconnect_bandwidth: float = 0.0  # bytes/s per chip, bidirectional (NVLink, ICI)
-    chips: int = 1  # default tensor-parallel degree
+    chips: int = 1  # default tensor-parallel degree (chips per dp group)
+    # Chips the machine has (an HGX board, a TPU slice): tp * dp above it is refused; 0 = chips.
+    max_chips: int = 0
     flops_efficiency: float = 0.5  # share of peak a serving step's matmuls reach
     bandwidth_efficiency: float = 0.8  # share of peak bandwidth weight/KV streaming reaches
     step_overhead_s: float = 0.002  # per step: host scheduling, dispatch, tokens back
@@ -46,6 +48,15 @@ class ChipSpec:
         for name in ("flops_efficiency", "bandwidth_efficiency"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be in (0, 1]")
+        if self.chips < 1 or self.max_chips < 0:
+            raise ValueError(f"chips={self.chips} must be >= 1, max_chips={self.max_chips} >= 0")
+        if self.max_chips and self.max_chips < self.chips:
+            raise ValueError(f"max_chips={self.max_chips} is below chips={self.chips}")
+
+    @property
+    def available_chips(self) -> int:
+        """The most chips a run may use (tp * dp)."""
+        return self.max_chips or self.chips
 
 
 def _resolve(name_or_path: str, folder: Path) -> Path:

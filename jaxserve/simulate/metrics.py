@@ -42,7 +42,8 @@ def summarize(st: SimState) -> dict[str, Any]:
         "e2e_s": _dist([st.finish[i] - st.arrival[i] for i in done]),
         "slot_utilisation": st.busy_slot_steps / max(st.total_slot_steps, 1),
         "row_utilisation": st.busy_slot_steps / max(st.padded_decode_rows, 1),
-        "num_slots": st.num_slots,
+        "num_slots": st.num_slots,  # every dp group's
+        "dp": st.dp,
         "retractions": st.retractions,
         "prompt_tokens_run": st.prompt_tokens_run,
         "prefill_steps": st.steps_by_mode["extend"],

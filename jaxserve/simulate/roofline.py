@@ -1,7 +1,9 @@
 """Roofline step cost: a chip spec and a model's shapes give each step's time as the larger
 of its matmul/attention FLOPs and its weight + KV bytes, plus all-reduces and a fixed overhead.
 
-Per step, on `tp` chips with the weights and KV heads split across them:
+Per step of one dp group, on its `tp` chips with the weights and KV heads split across them
+(with `dp` groups each holds a copy of the weights and its own KV pages; the groups run in
+parallel and exchange nothing, so the simulator prices each group and takes the slowest):
   flops = 2 * matmul_params * rows_padded + 2 * hidden * vocab * sampled_rows
           + 4 * layers * heads * head_dim * (decode keys + prefill causal pairs)
   bytes = all weights once + KV bytes of every key read and every token written
@@ -51,36 +53,53 @@ class ModelCounts:
 class RooflineCost:
     chip: ChipSpec
     model: ModelConfig
-    tp: int = 0  # chips the model is split over; 0 = the spec's `chips`
+    tp: int = 0  # chips one dp group splits the model over; 0 = the spec's `chips`
+    dp: int = 1  # data-parallel groups, each on tp chips of its own
+
+    def __post_init__(self) -> None:
+        if self.tp < 0 or self.dp < 1:
+            raise ValueError(f"tp={self.tp} must be >= 0 (0: the spec's), dp={self.dp} >= 1")
+        if self.total_chips > self.chip.available_chips:
+            raise ValueError(
+                f"tp={self.group_chips} x dp={self.dp} = {self.total_chips} chips, but the "
+                f"{self.chip.name} spec has {self.chip.available_chips} (max_chips)"
+            )
 
     @property
     def platform(self) -> str:
         return self.chip.platform
 
     @property
-    def num_chips(self) -> int:
+    def group_chips(self) -> int:
+        """Chips of one dp group: the tensor-parallel degree."""
         return self.tp or self.chip.chips
+
+    @property
+    def total_chips(self) -> int:
+        return self.group_chips * self.dp
 
     @property
     def counts(self) -> ModelCounts:
         return ModelCounts.of(self.model, self.chip.dtype_bytes)
 
     def kv_pages(self, page_size: int, memory_fraction: float = 0.9) -> int:
-        """KV pages that fit beside the weights in `memory_fraction` of all chips' memory."""
-        c, chip = self.counts, self.chip
-        free = self.num_chips * chip.memory_bytes * memory_fraction
+        """KV pages of one dp group (`cache.num_pages`): what fits beside one copy of the
+        weights in `memory_fraction` of its tp chips' memory."""
+        c, chip, tp = self.counts, self.chip, self.group_chips
+        free = tp * chip.memory_bytes * memory_fraction
         free -= c.total_params * chip.dtype_bytes
         if free <= 0:
             raise ValueError(
                 f"{self.model.name} needs {c.total_params * chip.dtype_bytes / 1e9:.1f} GB of "
-                f"weights; {self.num_chips} x {chip.name} hold "
-                f"{self.num_chips * chip.memory_bytes * memory_fraction / 1e9:.1f} GB"
+                f"weights; {tp} x {chip.name} (tp={tp}) hold "
+                f"{tp * chip.memory_bytes * memory_fraction / 1e9:.1f} GB"
             )
         return int(free // (page_size * c.kv_bytes_per_token))
 
     def breakdown(self, s: StepShape) -> dict[str, float]:
-        """Seconds of each part of a step: compute, memory, communication, overhead."""
-        c, chip, tp = self.counts, self.chip, self.num_chips
+        """Seconds of each part of one group's step: compute, memory, communication (within
+        the group), overhead."""
+        c, chip, tp = self.counts, self.chip, self.group_chips
         rows = s.rows_padded
         sampled = s.decode_rows_padded + s.prefill_seqs
         flops = (

@@ -1,8 +1,8 @@
 """What a step costs depends on: the padded shapes a `StepPlan` runs as (`StepShape`).
 
-Mirrors `jaxserve.batch.BatchBuilder`'s padding (decode batch buckets, prefill token buckets)
-without importing it: batch.py pulls in jax through `state.py`, and the simulator must not.
-`tests/test_simulate.py` checks the two agree.
+Mirrors `jaxserve.batch.BatchBuilder`'s padding (decode batch buckets, prefill token buckets,
+one padded shape for every dp group) without importing it: batch.py pulls in jax through
+`state.py`, and the simulator must not. `tests/test_simulate.py` checks the two agree.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jaxserve.config import SchedulerConfig
-from jaxserve.scheduler import StepPlan, _round_up
+from jaxserve.request import Request
+from jaxserve.scheduler import PrefillChunk, StepPlan, _round_up
 
 # The CPU attention reference walks the KV in chunks of 8 pages of 16 tokens (kernels/reference).
 ATTENTION_CHUNK_TOKENS = 128
@@ -59,37 +60,65 @@ def smallest_bucket(n: int, buckets: tuple[int, ...]) -> int:
 
 
 class ShapeOf:
-    """Turns plans into `StepShape`s for one scheduler config; call it right after
-    `schedule()`, before `update()` moves the requests on."""
+    """Turns plans into `StepShape`s for one scheduler config and `dp` groups; call it right
+    after `schedule()`, before `update()` moves the requests on."""
 
-    def __init__(self, cfg: SchedulerConfig):
+    def __init__(self, cfg: SchedulerConfig, dp: int = 1):
         self.cfg = cfg
+        self.dp = dp
         self.decode_buckets = decode_buckets(cfg)
         self.prefill_buckets = tuple(sorted(cfg.prefill_buckets))
 
     def __call__(self, plan: StepPlan) -> StepShape:
-        shape = {"mode": plan.mode.value, "slot_moves": len(plan.slot_moves)}
+        """The step's shape with one group (with dp groups: `groups`)."""
+        if self.dp != 1:
+            raise ValueError(f"dp={self.dp}: a step has one shape per group; use groups(plan)")
+        return self.groups(plan)[0]
+
+    def groups(self, plan: StepPlan) -> list[StepShape]:
+        """One shape per dp group, as `BatchBuilder` pads them: every group runs the same
+        padded sizes (one SPMD program), from the fullest group's highest local decode slot
+        and the largest per-group sum of block-rounded chunks; real rows, contexts and pairs
+        are each group's own. Slot moves are one gather over every group's slots."""
+        slots, block = self.cfg.max_running_requests, self.cfg.prefill_block
+        decode: list[list[Request]] = [[] for _ in range(self.dp)]
+        chunks: list[list[PrefillChunk]] = [[] for _ in range(self.dp)]
+        for r in plan.decode:
+            decode[r.slot // slots].append(r)
+        for c in plan.prefill:
+            chunks[c.request.slot // slots].append(c)
+        padded: dict[str, int] = {}
         if plan.decode:
-            # Positions are num_computed; each row attends to num_computed + 1 keys.
-            contexts = [r.num_computed + 1 for r in plan.decode]
-            top_slot = max(r.slot for r in plan.decode)
-            shape |= dict(
-                decode_rows=len(plan.decode),
-                decode_rows_padded=smallest_bucket(top_slot + 1, self.decode_buckets),
-                decode_context=sum(contexts),
-                decode_max_context=max(contexts),
-            )
+            top_slot = max(r.slot % slots for r in plan.decode)
+            padded["decode_rows_padded"] = smallest_bucket(top_slot + 1, self.decode_buckets)
         if plan.prefill:
-            block = self.cfg.prefill_block
-            used = sum(_round_up(c.length, block) for c in plan.prefill)
-            shape |= dict(
-                prefill_seqs=len(plan.prefill),
-                prefill_tokens=sum(c.length for c in plan.prefill),
-                prefill_tokens_padded=smallest_bucket(used, self.prefill_buckets),
-                prefill_pairs=sum(
-                    c.length * c.start + c.length * (c.length + 1) // 2 for c in plan.prefill
-                ),
-                prefill_kv_read=sum(c.start for c in plan.prefill),
-                prefill_max_context=max(c.start + c.length for c in plan.prefill),
-            )
-        return StepShape(**shape)
+            used = max(sum(_round_up(c.length, block) for c in cs) for cs in chunks)
+            padded["prefill_tokens_padded"] = smallest_bucket(used, self.prefill_buckets)
+        common = {"mode": plan.mode.value, "slot_moves": len(plan.slot_moves), **padded}
+        return [
+            StepShape(**common, **_decode_work(d), **_prefill_work(c))
+            for d, c in zip(decode, chunks, strict=True)
+        ]
+
+
+def _decode_work(rows: list[Request]) -> dict[str, int]:
+    """Busy decode rows and the keys they attend to (num_computed + 1 each)."""
+    if not rows:
+        return {}
+    contexts = [r.num_computed + 1 for r in rows]
+    return dict(
+        decode_rows=len(rows), decode_context=sum(contexts), decode_max_context=max(contexts)
+    )
+
+
+def _prefill_work(chunks: list[PrefillChunk]) -> dict[str, int]:
+    """Real tokens, causal pairs and cached-prefix reads of the prefill chunks."""
+    if not chunks:
+        return {}
+    return dict(
+        prefill_seqs=len(chunks),
+        prefill_tokens=sum(c.length for c in chunks),
+        prefill_pairs=sum(c.length * c.start + c.length * (c.length + 1) // 2 for c in chunks),
+        prefill_kv_read=sum(c.start for c in chunks),
+        prefill_max_context=max(c.start + c.length for c in chunks),
+    )

@@ -2,8 +2,10 @@
 simulated clock moves by that price. No device, no jax; tokens are a fixed non-EOS id.
 
 What it mirrors of `Engine`: the admission checks of `add_request` (context length, prompts
-too long without chunking, the waiting-queue bound), `schedule -> run -> update`, and which
-rows emit a token (a prompt's last chunk, every decode row).
+too long without chunking, the waiting-queue bound), `schedule -> run -> update`, which rows
+emit a token (a prompt's last chunk, every decode row), and data parallel: `dp` groups of
+slots with `cache.num_pages` pages each. The groups run a step in parallel on their own chips,
+padded to one shape, so a step costs what its slowest group costs.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ class StepLog:
 
     start_s: float
     end_s: float
-    shape: StepShape
+    shape: StepShape  # the group that set the step's price (the slowest; with dp = 1, the step)
     busy_slots: int  # requests holding a slot when the step ran
     waiting: int  # requests still queued after it was planned
+    groups: tuple[StepShape, ...] = ()  # every dp group's shape
 
 
 @dataclass
@@ -54,7 +57,8 @@ class SimState:
     output_tokens: int = 0
     start_s: float = 0.0
     end_s: float = 0.0
-    num_slots: int = 0
+    num_slots: int = 0  # all groups' slots
+    dp: int = 1
     steps: list[StepLog] | None = None
 
 
@@ -66,17 +70,32 @@ def _admit_error(cfg: SchedulerConfig, n_prompt: int, waiting: int) -> bool:
     return too_long or waiting >= cfg.max_waiting
 
 
+def _price(cost: CostModel, shapes: list[StepShape]) -> tuple[float, StepShape]:
+    """A step's seconds and the group that sets them: the groups run in parallel, each on its
+    own chips, and the step ends when the slowest does."""
+    prices = [cost.step_seconds(s) for s in shapes]
+    slowest = max(range(len(shapes)), key=prices.__getitem__)
+    return prices[slowest], shapes[slowest]
+
+
 def simulate(
     trace: list[TraceRequest],
     cost: CostModel,
     scheduler: SchedulerConfig,
     cache: CacheConfig,
     record_steps: bool = False,
+    dp: int = 1,
 ) -> SimState:
-    """Run `trace` to completion; the clock starts at the first arrival."""
+    """Run `trace` to completion; the clock starts at the first arrival.
+
+    `dp` groups, built as `Engine` builds them: `scheduler` slots and `cache.num_pages` pages
+    each (`cost` prices one group's part of a step).
+    """
+    if dp < 1:
+        raise ValueError(f"dp={dp} must be >= 1")
     cfg = resolve_for_platform(scheduler, cost.platform)
-    sched = Scheduler(cfg, cache.page_size, cache.num_pages, eos_token_ids=())
-    shape_of = ShapeOf(cfg)
+    sched = Scheduler(cfg, cache.page_size, cache.num_pages * dp, eos_token_ids=(), num_groups=dp)
+    shape_of = ShapeOf(cfg, dp)
     order = sorted(range(len(trace)), key=lambda i: trace[i].arrival_s)
     n = len(trace)
     nan = float("nan")
@@ -85,7 +104,8 @@ def simulate(
         output_len=[r.output_len for r in trace],
         first=[nan] * n,
         finish=[nan] * n,
-        num_slots=cfg.max_running_requests,
+        num_slots=cfg.max_running_requests * dp,
+        dp=dp,
         steps=[] if record_steps else None,
     )
     last_token = [0.0] * n
@@ -115,21 +135,23 @@ def simulate(
                 raise RuntimeError("the scheduler planned an idle step with work left")
             clock = trace[pending[0]].arrival_s
             continue
-        shape = shape_of(plan)
+        shapes = shape_of.groups(plan)
+        price, shape = _price(cost, shapes)
         start = clock
-        clock += cost.step_seconds(shape)
+        clock += price
         # Rows that emit a token, decided before update() moves the requests on.
         emitting = [c.request for c in plan.prefill if c.is_last] + plan.decode
         if plan.decode:
             st.busy_slot_steps += len(plan.decode)
-            st.total_slot_steps += cfg.max_running_requests
-            st.padded_decode_rows += shape.decode_rows_padded
+            st.total_slot_steps += st.num_slots
+            st.padded_decode_rows += sum(s.decode_rows_padded for s in shapes)
         st.steps_by_mode[shape.mode] += 1
         st.seconds_by_mode[shape.mode] += clock - start
-        st.prompt_tokens_run += shape.prefill_tokens
+        st.prompt_tokens_run += sum(s.prefill_tokens for s in shapes)
         if st.steps is not None:
             busy = sum(s is not None for s in sched.slots)
-            st.steps.append(StepLog(start, clock, shape, busy, len(sched.waiting)))
+            log = StepLog(start, clock, shape, busy, len(sched.waiting), tuple(shapes))
+            st.steps.append(log)
         sched.update(plan, [TOKEN_ID] * (len(plan.prefill) + len(plan.decode)))
         for req in emitting:
             i = index[id(req)]
