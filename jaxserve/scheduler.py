@@ -95,7 +95,9 @@ class Scheduler:
         self.slots: list[Request | None] = [None] * (cfg.max_running_requests * num_groups)
         self.new_token_ratio = cfg.init_new_token_ratio
         self.num_retractions = 0
-        self._batch_open = True  # static policy: admit only while a new batch is being filled
+        # static policy: a group admits only while its new batch is being filled (each dp group
+        # batches on its own, as a separate engine would)
+        self._batch_open = [True] * num_groups
 
     # ---- queue -------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -173,16 +175,19 @@ class Scheduler:
         run its part of the step."""
         cfg = self.cfg
         if cfg.policy == "static":
-            if not self.running:
-                self._batch_open = True
-            if not self._batch_open:
+            for group in range(self.num_groups):
+                if not self._group_running(group):
+                    self._batch_open[group] = True
+            if not any(self._batch_open):
                 return StepPlan()
         chunks: list[PrefillChunk] = []
         budgets = list(budgets)
         seqs = [0] * self.num_groups
+        static = cfg.policy == "static"
 
         def room(group: int) -> bool:
-            return budgets[group] > 0 and seqs[group] < cfg.max_prefill_seqs
+            open_batch = self._batch_open[group] or not static
+            return open_batch and budgets[group] > 0 and seqs[group] < cfg.max_prefill_seqs
 
         def take(chunk: PrefillChunk, group: int) -> None:
             chunks.append(chunk)
@@ -340,7 +345,7 @@ class Scheduler:
         return moves
 
     def _schedule_decode(self) -> StepPlan:
-        self._batch_open = False
+        self._batch_open = [False] * self.num_groups
         moves = self._compact_slots()
         decoding = [r for r in self.running if r.state is RequestState.DECODING]
         retracted: list[Request] = []

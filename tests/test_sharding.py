@@ -218,6 +218,35 @@ def test_a_request_the_preferred_group_has_no_pages_for_goes_to_another():
         assert out[rid] == expected_tokens(prompt, limits[rid]), rid
 
 
+def test_static_batching_batches_each_dp_group_on_its_own():
+    """policy = "static" with dp=2: a group whose batch has finished starts the next batch
+    while the other group still decodes its own (as two static engines would), instead of
+    waiting for every group to drain."""
+    engine = make_engine(dp=2, num_pages=64, policy="static")
+    s = engine.scheduler
+    prompts = {"a": [4, 2], "b": [8, 6, 7], "c": [5, 3, 9]}
+    limits = {"a": 2, "b": 20, "c": 3}
+    out: dict[str, list[int]] = {}
+
+    def step() -> None:
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+
+    for rid in ("a", "b"):  # one batch each: group 0, group 1
+        engine.add_request(rid, prompts[rid], SamplingParams(max_tokens=limits[rid]))
+    while "a" in engine.requests:
+        step()
+    assert "b" in engine.requests
+    engine.add_request("c", prompts["c"], SamplingParams(max_tokens=limits["c"]))
+    step()
+    c = engine.requests["c"]
+    assert c.slot is not None and s.group_of(c.slot) == 0 and "b" in engine.requests
+    while engine.has_work():
+        step()
+    for rid, prompt in prompts.items():
+        assert out[rid] == expected_tokens(prompt, limits[rid]), rid
+
+
 # ---- on a mesh of 4 simulated devices (one subprocess) -------------------------------------
 def run_worker(module: str, out: Path, devices: int, timeout_s: int) -> Any:
     """`python -m module out` with `devices` simulated CPU devices; its JSON report."""
