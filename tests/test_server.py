@@ -364,6 +364,44 @@ def test_stream_chunks_share_id_and_created_and_deltas_send_no_nulls(srv, path):
         assert all(set(d) == {"content"} for d in deltas[1:]), deltas[1:3]
 
 
+def test_the_role_chunk_comes_with_the_first_token_not_on_acceptance(srv):
+    """A chat stream sends nothing while its request waits in the queue (as vLLM and SGLang):
+    a client timing its first chunk measures the first token. The scheduler is made to plan
+    nothing, so the accepted request waits; once it may run, the role chunk opens the stream."""
+    from jaxserve.scheduler import StepPlan
+
+    def pause(engine) -> None:
+        engine.scheduler.schedule = StepPlan  # an idle plan: nothing is admitted
+
+    def resume(engine) -> None:
+        del engine.scheduler.schedule
+
+    srv.bridge.call(pause)
+    got: list[tuple[float, str]] = []
+
+    def stream() -> None:
+        body = {**CHATB, "max_tokens": 4, "stream": True}
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=60) as r:
+            got.extend((time.monotonic(), x) for x in r.iter_lines() if x.startswith("data:"))
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not srv.bridge.call(lambda e: len(e.scheduler.waiting)):
+            assert time.monotonic() < deadline, "the request was not accepted"
+            time.sleep(0.02)
+        time.sleep(1.0)  # accepted and waiting: the old code had sent its role chunk by now
+        assert not got
+    finally:
+        resumed_at = time.monotonic()
+        srv.bridge.call(resume)
+    reader.join(60)
+    chunks = [json.loads(x[5:]) for _, x in got if x != "data: [DONE]"]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert got[0][0] >= resumed_at and len(chunks) > 1
+
+
 def test_stream_options_need_stream(srv):
     body = {**CMPL, "stream_options": {"include_usage": True}}
     assert_error(_post(srv.url, "completions", body=body), 400, "stream_options")

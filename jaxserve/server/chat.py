@@ -1,7 +1,8 @@
 """`POST /v1/chat/completions`: messages rendered with the model's chat template.
 
-Streams open each choice with a role chunk, then content (or tool-call) deltas, then the
-finish reason. Structured output and tool calls: `constraints.py`, `tools.py`.
+Streams open each choice with a role chunk (with its first output), then content (or
+tool-call) deltas, then the finish reason. Structured output and tool calls:
+`constraints.py`, `tools.py`.
 """
 
 from __future__ import annotations
@@ -166,15 +167,21 @@ async def _stream(
             ).model_dump_json()
         )
 
-    for c in gen.choices:
-        yield chunk(
-            ChatChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))
-        )
     named_started: set[int] = set()  # choices whose tool call header went out
+    # A choice's role chunk goes out with its first output, as vLLM and SGLang send it: a
+    # client timing the first chunk then measures the first token, not the acceptance.
+    opened: set[int] = set()
     async for choice, out in gen.events():
         if choice.error is not None:
             yield sse_error(choice.error)
             break
+        if choice.index not in opened:
+            opened.add(choice.index)
+            yield chunk(
+                ChatChunkChoice(
+                    index=choice.index, delta=DeltaMessage(role="assistant", content="")
+                )
+            )
         if not (out.new_text or out.finished or out.logprobs):
             continue  # text held back (a possible stop string): nothing to send yet
         logprobs = chat_logprobs(tokenizer, out.logprobs or []) if with_logprobs else None
