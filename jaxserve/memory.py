@@ -15,6 +15,7 @@ import psutil
 from jaxserve.config import EngineConfig, ModelConfig, replace, resolve_num_pages
 from jaxserve.models.llama import LlamaParams
 from jaxserve.runner import resolve_dtype
+from jaxserve.sharding import kv_heads_per_device
 
 log = logging.getLogger("jaxserve")
 
@@ -23,15 +24,6 @@ def kv_page_bytes(model_cfg: ModelConfig, page_size: int, dtype: jnp.dtype) -> i
     """K and V of `page_size` tokens in every layer."""
     per_token = 2 * model_cfg.num_layers * model_cfg.num_kv_heads * model_cfg.head_dim
     return per_token * page_size * jnp.dtype(dtype).itemsize
-
-
-def kv_heads_per_device(model_cfg: ModelConfig, tp: int) -> int:
-    """KV heads one device caches: split over tp, or one each when tp > KV heads (each head
-    replicated, `sharding.replicate_kv_heads`)."""
-    kvh = model_cfg.num_kv_heads
-    if kvh % tp == 0:
-        return kvh // tp
-    return 1 if tp % kvh == 0 else kvh  # (a tp that fits neither is refused by check_mesh)
 
 
 def free_device_bytes(device: jax.Device) -> int | None:

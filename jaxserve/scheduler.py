@@ -174,7 +174,8 @@ class Scheduler:
         step budget (`budgets[g]` tokens, `max_prefill_seqs` sequences), as its own devices
         run its part of the step."""
         cfg = self.cfg
-        if cfg.policy == "static":
+        static = cfg.policy == "static"
+        if static:
             for group in range(self.num_groups):
                 if not self._group_running(group):
                     self._batch_open[group] = True
@@ -183,7 +184,6 @@ class Scheduler:
         chunks: list[PrefillChunk] = []
         budgets = list(budgets)
         seqs = [0] * self.num_groups
-        static = cfg.policy == "static"
 
         def room(group: int) -> bool:
             open_batch = self._batch_open[group] or not static
@@ -250,11 +250,12 @@ class Scheduler:
         left = req.params.max_tokens - len(req.output_token_ids)
         # After the match: its pages are locked now, so they no longer count as free.
         # Requests admitted above hold their pages and reserve their future tokens.
-        free_tokens = self._free_pages(group) * ps - self._reserved_tokens(group)
+        free_pages = self._free_pages(group)
+        free_tokens = free_pages * ps - self._reserved_tokens(group)
         need_pages = pages_for(n, ps) - len(cached)
         # The reserve only applies while others run: a lone request always gets in.
         estimate = n - len(cached) * ps + math.ceil(left * self.new_token_ratio)
-        blocked = need_pages > self._free_pages(group) or (
+        blocked = need_pages > free_pages or (
             bool(self._group_running(group)) and estimate > free_tokens  # (chunks too)
         )
         length = min(n - len(cached) * ps, budget)

@@ -50,6 +50,15 @@ def tp_fits(cfg: ModelConfig, tp: int) -> bool:
     )
 
 
+def kv_heads_per_device(cfg: ModelConfig, tp: int) -> int:
+    """KV heads one device caches: its share of them, or one when tp is a multiple of them
+    (`replicate_kv_heads`); a tp that fits neither is refused by `check_mesh`."""
+    kvh = cfg.num_kv_heads
+    if kvh % tp == 0:
+        return kvh // tp
+    return 1 if tp % kvh == 0 else kvh
+
+
 def valid_tp(cfg: ModelConfig) -> list[int]:
     return [t for t in range(1, cfg.num_heads + 1) if tp_fits(cfg, t)]
 

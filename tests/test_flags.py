@@ -284,7 +284,7 @@ def test_kv_heads_per_device_under_tensor_parallel():
     """A device caches its share of the KV heads, or one replicated head when tp > KV heads
     (Llama-3-8B's 8 KV heads on a 16-chip slice: one each, not all 8)."""
     from jaxserve.config import ModelConfig
-    from jaxserve.memory import kv_heads_per_device
+    from jaxserve.sharding import kv_heads_per_device
 
     model = ModelConfig(
         vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=16,
